@@ -1,0 +1,23 @@
+"""quest-export: QuEST low-bit diffusion quantization, QDQ ONNX export and verified engines.
+
+This module holds only the version string and lazy re-exports, because every
+``import quest_export.runtime`` (on a bare Jetson, without torch) runs it first.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "resolve_recipe": "quest_export.pipeline",
+    "run": "quest_export.pipeline",
+    "Recipe": "quest_export.recipe",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'quest_export' has no attribute {name!r}")
