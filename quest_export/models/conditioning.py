@@ -1,0 +1,40 @@
+"""Conditioning for text pipelines: prompts from a list in calib/ encoded by the pipeline's text encoder.
+
+The bundled models and any ``--cond FILE`` need none of this. A pipeline folder with a
+text encoder needs ``transformers`` (not a dependency of quest-export); without it the user
+is told how to precompute a conditioning file instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quest_export.errors import InputError
+
+PROMPTS = Path(__file__).resolve().parents[2] / "calib" / "prompts" / "default.txt"
+
+
+def encode_prompts(info, *, prompts_file: Path | None = None):
+    """Encode the calib/ prompt list (plus the empty prompt as the unconditional row)."""
+    from quest_export.models.loading import Conditioning
+
+    try:
+        from transformers import AutoTokenizer, CLIPTextModel
+    except ImportError:
+        raise InputError(
+            f"{info.root} encodes prompts with its text encoder, which needs `pip install transformers`; "
+            "or precompute encoder_hidden_states into a safetensors file and pass --cond FILE"
+        ) from None
+    path = prompts_file or PROMPTS
+    prompts = [p.strip() for p in path.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    tok = AutoTokenizer.from_pretrained(str(info.root / "tokenizer"))
+    enc = CLIPTextModel.from_pretrained(str(info.root / "text_encoder")).eval()
+    rows = []
+    with torch.no_grad():
+        for p in prompts + [""]:
+            ids = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            rows.append(enc(ids.input_ids)[0][0])  # (L, D)
+    table = torch.stack(rows)  # (R, L, D)
+    return Conditioning(table=table, uncond_index=len(prompts), labels=prompts + ["<unconditional>"], source=str(path))

@@ -1,0 +1,207 @@
+"""Load a diffusers UNet: a bundled name, a UNet folder, or a pipeline folder (unet/, scheduler/).
+
+Every way this can fail for a user is a one-line ``ModelError`` saying what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quest_export.errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "models"
+BUNDLED = ("fmnist-cond", "fmnist-uncond")
+DEFAULT_MODEL = "fmnist-cond"
+SUPPORTED = ("UNet2DModel", "UNet2DConditionModel")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+
+# Scheduler used when a bare UNet folder carries none (DDPM's linear betas, 1000 steps).
+FALLBACK_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                          beta_schedule="linear", prediction_type="epsilon", clip_sample=False,
+                          set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")  # fmt: skip
+FALLBACK_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0)
+
+
+@dataclass
+class Conditioning:
+    """Rows of encoder_hidden_states: table (R, L, D); ``uncond_index`` is the guidance row."""
+
+    table: torch.Tensor
+    uncond_index: int | None = None
+    labels: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def cond_rows(self) -> list[int]:
+        return [i for i in range(self.table.shape[0]) if i != self.uncond_index]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table[idx]  # (B, L, D)
+
+    @property
+    def uncond(self) -> torch.Tensor | None:
+        return None if self.uncond_index is None else self.table[self.uncond_index][None]  # (1, L, D)
+
+
+@dataclass
+class ModelInfo:
+    """What a model folder declares, read without torch (for recipe resolution)."""
+
+    name: str
+    unet_dir: Path
+    class_name: str
+    config: dict
+    scheduler_config: dict
+    sampling: dict
+    family: str
+    cond_file: Path | None
+    root: Path
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    unet: torch.nn.Module
+    conditioning: Conditioning | None
+    source_hash: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def family(self) -> str:
+        return self.info.family
+
+    @property
+    def conditional(self) -> bool:
+        return self.info.class_name == "UNet2DConditionModel"
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.info.config
+        s = c.get("sample_size", 32)
+        s = s if isinstance(s, int) else s[0]
+        return (c.get("in_channels", 4), s, s)
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{p} is not readable JSON ({e}); the model folder is corrupt") from None
+
+
+def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
+    """Find a model by bundled name or path and read its metadata (no weights, no torch)."""
+    root = ZOO_DIR / name if name in BUNDLED else Path(name).expanduser()
+    if not root.exists():
+        raise ModelError(f"model '{name}' not found: give a bundled name ({', '.join(BUNDLED)}) or a diffusers "
+                         "folder (a UNet folder with config.json, or a pipeline folder with unet/ and scheduler/)")  # fmt: skip
+    if not root.is_dir():
+        raise ModelError(f"{root} is a file; expected a diffusers folder (config.json + weights, or unet/ + scheduler/)")
+    if (root / "unet" / "config.json").is_file():
+        unet_dir, sched_file = root / "unet", root / "scheduler" / "scheduler_config.json"
+    elif (root / "config.json").is_file():
+        unet_dir, sched_file = root, root / "scheduler_config.json"
+        if not sched_file.is_file():
+            sched_file = root.parent / "scheduler" / "scheduler_config.json"
+    else:
+        raise ModelError(f"{root} is not a diffusers model: expected config.json (a UNet folder) or "
+                         "unet/config.json (a pipeline folder)")  # fmt: skip
+    config = _read_json(unet_dir / "config.json")
+    cls = config.get("_class_name")
+    if cls not in SUPPORTED:
+        raise ModelError(f"{unet_dir} holds a {cls or 'model without _class_name'}; quest-export handles "
+                         f"{' and '.join(SUPPORTED)}")  # fmt: skip
+    if not any((unet_dir / w).is_file() for w in WEIGHT_FILES):
+        raise ModelError(f"{unet_dir} has no weights ({' or '.join(WEIGHT_FILES)}); only safetensors are loaded")
+    if sched_file.is_file():
+        sched = _read_json(sched_file)
+    else:
+        log.warning("%s has no scheduler config; using DDIM with linear betas (1000 steps)", root)
+        sched = dict(FALLBACK_SCHEDULER)
+    meta = _read_json(root / "quest_model.json") if (root / "quest_model.json").is_file() else {}
+    sampling = {**FALLBACK_SAMPLING, **meta.get("sampling", {})}
+    cond_file = None
+    if cls == "UNet2DConditionModel":
+        if cond is not None:
+            cond_file = Path(cond).expanduser()
+            if not cond_file.is_file():
+                raise InputError(f"--cond {cond}: file not found; expected a safetensors file with an "
+                                 "'encoder_hidden_states' tensor (R, L, D)")  # fmt: skip
+        elif meta.get("conditioning"):
+            cond_file = root / meta["conditioning"]
+        elif (root / "text_encoder").is_dir():
+            cond_file = None  # prompts encoded by the pipeline's text encoder (models.conditioning)
+        else:
+            raise InputError(f"{root} is a UNet2DConditionModel without conditioning: pass --cond FILE "
+                             "(safetensors with 'encoder_hidden_states' rows, one unconditional)")  # fmt: skip
+    elif cond is not None:
+        raise InputError(f"--cond given, but {root} is an unconditional UNet2DModel")
+    family = meta.get("family") or ("uncond" if cls == "UNet2DModel" else "class-cond")
+    return ModelInfo(name=name, unet_dir=unet_dir, class_name=cls, config=config, scheduler_config=sched,
+                     sampling=sampling, family=family, cond_file=cond_file, root=root)  # fmt: skip
+
+
+def load_conditioning(path: Path, *, expected_dim: int | None = None) -> Conditioning:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "encoder_hidden_states" not in f.keys():
+                raise InputError(f"{path} has no 'encoder_hidden_states' tensor; expected shape (R, L, D)")
+            table = f.get_tensor("encoder_hidden_states").float()
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path} is not a readable safetensors file ({e})") from None
+    if table.dim() != 3:
+        raise InputError(f"{path}: encoder_hidden_states must be (R, L, D), got {tuple(table.shape)}")
+    if expected_dim is not None and table.shape[-1] != expected_dim:
+        raise InputError(f"{path}: rows have width {table.shape[-1]}, the UNet expects cross_attention_dim {expected_dim}")
+    uncond = int(meta["uncond_index"]) if "uncond_index" in meta else None
+    labels = json.loads(meta["labels"]) if "labels" in meta else [str(i) for i in range(table.shape[0])]
+    return Conditioning(table=table, uncond_index=uncond, labels=labels, source=str(path))
+
+
+def source_hash(info: ModelInfo) -> str:
+    """SHA-256 over the UNet config and weights (the identity of the float model)."""
+    h = hashlib.sha256((info.unet_dir / "config.json").read_bytes())
+    for w in WEIGHT_FILES:
+        p = info.unet_dir / w
+        if p.is_file():
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def load_model(name: str = DEFAULT_MODEL, *, cond: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load the float UNet (float32, eval mode) and its conditioning."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    info = resolve_model(name, cond=cond)
+    cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}[info.class_name]
+    variant = None if (info.unet_dir / WEIGHT_FILES[0]).is_file() else "fp16"
+    try:
+        unet = cls.from_pretrained(str(info.unet_dir), torch_dtype=torch.float32, variant=variant, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load the UNet weights in {info.unet_dir}: {first}") from None
+    unet = unet.to(device).eval().requires_grad_(False)
+    cond_obj = None
+    if info.cond_file is not None:
+        cond_obj = load_conditioning(info.cond_file, expected_dim=info.config.get("cross_attention_dim"))
+    elif info.class_name == "UNet2DConditionModel":
+        from quest_export.models.conditioning import encode_prompts
+
+        cond_obj = encode_prompts(info)
+    return LoadedModel(info=info, unet=unet, conditioning=cond_obj, source_hash=source_hash(info))

@@ -1,0 +1,146 @@
+"""Stage A2: AdaRound / BRECQ block reconstruction, and Q-Diffusion's activation-scale reconstruction.
+
+AdaRound (Nagel et al. 2020) learns, per weight, whether to round down or up:
+    W_int = clamp(floor(W / Delta) + h(alpha), q_min, q_max),
+    h(alpha) = clamp(sigmoid(alpha) (zeta - gamma) + gamma, 0, 1),  zeta = 1.1, gamma = -0.1
+    loss = reconstruction + lambda * sum(1 - |2 h(alpha) - 1|^beta)
+with beta annealed 20 -> 2 after a warm-up of 20 % (regulariser off). Delta stays at its
+MSE-search value. Block inputs come from the partially quantized model (weights on,
+activations off), targets from the float model (quest.md 4.2).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from quest_export.log import progress
+from quest_export.ptq.units import Unit, capture_inputs, channel_sq_error
+from quest_export.quant.model import QuantizedUNet, QuantMode
+from quest_export.quant.modules import QuantModule
+from quest_export.quant.quantizer import (
+    ADAROUND_GAMMA,
+    ADAROUND_ZETA,
+    ActQuantizer,
+    WeightQuantizer,
+    rectified_sigmoid,
+)
+
+log = logging.getLogger(__name__)
+WARMUP, BETA_START, BETA_END = 0.2, 20.0, 2.0
+
+
+def _init_alpha(wq: WeightQuantizer, w: torch.Tensor) -> None:
+    """alpha such that h(alpha) equals the fractional part of W / Delta."""
+    frac = (w.detach() / wq.scale - torch.floor(w.detach() / wq.scale)).clamp(0.01, 0.99)
+    alpha = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1)
+    wq.alpha = torch.nn.Parameter(alpha)
+
+
+def _unit_weights(unit: Unit) -> list[tuple[WeightQuantizer, torch.Tensor]]:
+    pairs = []
+    for m in unit.module.modules():
+        if isinstance(m, QuantModule) and m.weight_quantizer is not None and not m.weight_quantizer.frozen:
+            c = m.spec.split_at
+            if c is None:
+                pairs.append((m.weight_quantizer, m.weight))
+            else:
+                pairs += [(m.weight_quantizer, m.weight[:, :c]), (m.weight_quantizer_skip, m.weight[:, c:])]
+    return pairs
+
+
+def adaround_unit(unit: Unit, qunet: QuantizedUNet, inputs, target: torch.Tensor, *, iters: int, batch: int,
+                  lr: float, reg: float, device, seed: int) -> dict:  # fmt: skip
+    """Reconstruct one unit and harden its rounding. Returns {'before': err, 'after': err}."""
+    pairs = _unit_weights(unit)
+    gen = torch.Generator().manual_seed(seed)
+    n = inputs.n
+
+    def recon(idx, hard=False):
+        args, kwargs = inputs.select(idx, device)
+        if hard:
+            for wq, w in pairs:
+                wq.freeze(w)
+        out = unit.module(*args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return channel_sq_error(out, target[idx].to(device))
+
+    eval_idx = torch.randperm(n, generator=gen)[: min(n, 4 * batch)]
+    with torch.no_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
+        before = recon(eval_idx).item()  # round to nearest, on the rows used for "after"
+    for wq, w in pairs:
+        _init_alpha(wq, w)
+    alphas = [wq.alpha for wq, _ in pairs]
+    opt = torch.optim.Adam(alphas, lr=lr)
+    with torch.enable_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
+        for it in range(iters):
+            idx = torch.randint(0, n, (min(batch, n),), generator=gen)
+            loss = recon(idx)
+            if it >= WARMUP * iters:
+                frac = (it - WARMUP * iters) / max(1.0, (1 - WARMUP) * iters)
+                beta = BETA_END + (BETA_START - BETA_END) * (1 - frac)
+                loss = loss + reg * sum((1 - (2 * rectified_sigmoid(a) - 1).abs().pow(beta)).sum() for a in alphas)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
+        after = recon(eval_idx, hard=True).item()  # hardens: rounding bits + w_int
+    return {"before": before, "after": after}
+
+
+def reconstruct_weights_(qunet: QuantizedUNet, units: list[Unit], batches, run_batch, targets: dict, *, iters: int,
+                         batch: int, lr: float, reg: float, device, store, seed: int = 0,
+                         show_progress: bool = True) -> dict[str, dict]:  # fmt: skip
+    """AdaRound every unit in execution order; units already frozen are skipped."""
+    report: dict[str, dict] = {}
+    bar = progress(total=len(units), description="adaround", enabled=show_progress)
+    try:
+        for k, unit in enumerate(units):
+            if not _unit_weights(unit):
+                bar.advance()
+                continue
+            with torch.no_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
+                inputs = capture_inputs(qunet.unet, unit, batches, run_batch, store)
+            report[unit.name] = adaround_unit(unit, qunet, inputs, targets[unit.name], iters=iters, batch=batch, lr=lr,
+                                              reg=reg, device=device, seed=seed + k)  # fmt: skip
+            r = report[unit.name]
+            bar.advance(postfix=f"{unit.name}: {r['before']:.3g} -> {r['after']:.3g}")
+    finally:
+        bar.close()
+    return report
+
+
+def reconstruct_act_scales_(qunet: QuantizedUNet, units: list[Unit], batches, run_batch, targets: dict, *,
+                            iters: int, batch: int, lr: float, device, store, seed: int = 0,
+                            show_progress: bool = True) -> None:  # fmt: skip
+    """Q-Diffusion's LSQ-style activation-scale reconstruction (shared scales, G = 1), unit by unit."""
+    bar = progress(total=len(units), description="act-recon", enabled=show_progress)
+    p = 2.4
+    try:
+        for k, unit in enumerate(units):
+            qs = [q for q in unit.module.modules() if isinstance(q, ActQuantizer)]
+            if not qs or iters <= 0:
+                bar.advance()
+                continue
+            with torch.no_grad(), qunet.mode(QuantMode.FULL):
+                inputs = capture_inputs(qunet.unet, unit, batches, run_batch, store)
+            params = [q.scales[0] for q in qs]
+            opt = torch.optim.Adam(params, lr=lr)
+            gen = torch.Generator().manual_seed(seed + k)
+            target = targets[unit.name]
+            with torch.enable_grad(), qunet.mode(QuantMode.FULL):
+                for _ in range(iters):
+                    idx = torch.randint(0, inputs.n, (min(batch, inputs.n),), generator=gen)
+                    args, kwargs = inputs.select(idx, device)
+                    out = unit.module(*args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    loss = (out - target[idx].to(device)).abs().pow(p).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    for q in qs:
+                        q.clamp_scales_()
+            bar.advance()
+    finally:
+        bar.close()

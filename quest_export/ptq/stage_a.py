@@ -1,0 +1,159 @@
+"""Stage A (quest.md 4): weight init, optional AdaRound, per-group activation init, and the
+two PTQ baselines built from them (quest.md 7.1, 7.2).
+
+    ptq         absmax (or MSE) weights, round to nearest; activations min/max over the whole
+                calibration set, one shared scale set (G = 1)
+    qdiffusion  MSE weight init + AdaRound/BRECQ; shared activation scales (G = 1) initialised on
+                a random batch over all timesteps, then LSQ-style scale reconstruction
+    quest/dmq   the same weights as qdiffusion; per-group activation init (G rows), no scale
+                reconstruction; finetuning follows in quest_export.finetune
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from quest_export.calib.collect import CalibrationSet
+from quest_export.log import progress
+from quest_export.ptq.reconstruct import reconstruct_act_scales_, reconstruct_weights_
+from quest_export.ptq.units import capture_outputs, find_units
+from quest_export.quant.groups import group_timesteps
+from quest_export.quant.model import QuantizedUNet, QuantMode, quantize_
+from quest_export.quant.observers import weight_scale_search
+from quest_export.recipe.config import PtqConfig, QuantRecipe
+from quest_export.recipe.presets import default_adaround, default_weight_init
+
+log = logging.getLogger(__name__)
+RECON_POOL = 256  # calibration rows (over all steps) used for block reconstruction
+FORWARD_CHUNK = 64  # rows per UNet call while capturing
+
+
+@dataclass
+class StageAReport:
+    adaround: dict = field(default_factory=dict)  # unit -> {before, after} reconstruction error
+    eps_mse: dict = field(default_factory=dict)  # group -> MSE(eps_q, eps_fp) on held rows
+    units: list = field(default_factory=list)
+
+
+def run_unet(unet, x, t, cond):
+    return unet(x, t, encoder_hidden_states=cond).sample if cond is not None else unet(x, t).sample
+
+
+@torch.no_grad()
+def init_weights_(qunet: QuantizedUNet, *, method: str) -> None:
+    """Per-output-channel weight scales by absmax or the MSE shrink search (quest.md 4.1)."""
+    for m in qunet.layers().values():
+        c = m.spec.split_at
+        halves = [m.weight] if c is None else [m.weight[:, :c], m.weight[:, c:]]
+        for wq, w in zip(m.weight_quantizers(), halves):
+            s, z = weight_scale_search(w.detach(), wq.bits, symmetric=wq.symmetric, per_channel=wq.per_channel,
+                                       mse=method == "mse", qmin=wq.qmin, qmax=wq.qmax)  # fmt: skip
+            wq.scale.copy_(s)
+            wq.zero_point.copy_(z)
+            wq.unfreeze()
+            wq.rounding = torch.zeros(0, dtype=torch.int8, device=wq.scale.device)
+
+
+def _batches(calib: CalibrationSet, rows: torch.Tensor, device, chunk: int = FORWARD_CHUNK):
+    return [calib.batch(rows[i : i + chunk], device)[:3] for i in range(0, rows.numel(), chunk)]
+
+
+@torch.no_grad()
+def init_activations_(qunet: QuantizedUNet, calib: CalibrationSet, cfg: PtqConfig, *, device, seed: int,
+                      accumulate: bool = False, pooled: bool = False, show_progress: bool = True) -> None:  # fmt: skip
+    """Initialise every activation quantizer's row for each group g, in calibration order (quest.md 4.3).
+
+    A random batch of ``act_batch`` rows of group g (both CFG halves) runs through the model with
+    weights and activations quantized, each quantizer initialising itself before quantizing, so it
+    sees what its quantized upstream produces. ``running_stat`` then passes every row of the group
+    (EMA, A8 only); ``accumulate`` (plain PTQ) takes the true min/max over every row.
+    """
+    G = qunet.ctx.count
+    gen = torch.Generator().manual_seed(seed)
+    unet = qunet.unet
+    running = cfg.running_stat and min(q.bits for q in qunet.act_quantizers().values()) >= 8
+    for q in qunet.act_quantizers().values():
+        q.initialized.zero_()
+    bar = progress(total=G, description="act-init", enabled=show_progress)
+    for g in range(G):
+        pool = calib.group_rows(g, G, pooled=pooled or G == 1)
+        first = calib.draw(pool, cfg.act_batch, gen)
+        rest = pool if (running or accumulate) else pool[:0]
+        with qunet.ctx.select(g), qunet.mode(QuantMode.FULL), qunet.calibrating(
+            method=cfg.act_init, running_stat=running, accumulate=accumulate
+        ):
+            x, t, cond = calib.batch(first, device)[:3]
+            run_unet(unet, x, t, cond)
+            for b in _batches(calib, rest[torch.randperm(rest.numel(), generator=gen)], device, cfg.act_batch):
+                run_unet(unet, *b)
+        bar.advance()
+    bar.close()
+    missing = [n for n, q in qunet.act_quantizers().items() if not bool(q.initialized.all())]
+    if missing:
+        raise RuntimeError(f"activation quantizers never saw data: {missing[:5]}")  # internal invariant
+
+
+@torch.no_grad()
+def eps_mse_per_group(qunet: QuantizedUNet, calib: CalibrationSet, *, device, rows_per_group: int = 16,
+                      seed: int = 1234) -> dict[int, float]:  # fmt: skip
+    """MSE between the quantized and the recorded float eps, per group (held-out-style diagnostic)."""
+    G = qunet.ctx.count
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    with qunet.mode(QuantMode.FULL):
+        for g in range(G):
+            rows = calib.draw(calib.group_rows(g, G, pooled=True), rows_per_group, gen)
+            x, t, cond, eps = calib.batch(rows, device)
+            with qunet.ctx.select(g):
+                out[g] = torch.mean((run_unet(qunet.unet, x, t, cond) - eps) ** 2).item()
+    return out
+
+
+def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig, *, groups: int, device,
+                seed: int = 0, pooled: bool = False, show_progress: bool = True) -> tuple[QuantizedUNet, StageAReport]:  # fmt: skip
+    """Quantize ``model.unet`` in place and calibrate it per ``quant.method``.
+
+    Returns:
+        the quantized handle (weights frozen, every activation row initialised) and a report.
+    """
+    report = StageAReport()
+    ts = group_timesteps(calib.timesteps, groups)
+    qunet = quantize_(model.unet, quant, group_timesteps=ts)
+    qunet.unet.to(device)
+    method = quant.method
+    init_weights_(qunet, method=cfg.weight_init or default_weight_init(method))
+    adaround = default_adaround(method) if cfg.adaround is None else cfg.adaround
+    gen = torch.Generator().manual_seed(seed)
+    all_rows = torch.arange(calib.x.shape[0])
+    recon_rows = calib.draw(all_rows, min(RECON_POOL, all_rows.numel()), gen)
+    batches = _batches(calib, recon_rows, device)
+    store = device
+
+    def run_batch(b):
+        run_unet(qunet.unet, *b)
+
+    units = []
+    if (adaround and cfg.adaround_iters > 0) or (method == "qdiffusion" and cfg.act_recon_iters > 0):
+        with torch.no_grad(), qunet.ctx.select(0), qunet.mode(QuantMode.FP):
+            units = find_units(qunet.unet, lambda: run_batch(batches[0]))
+            targets = capture_outputs(qunet.unet, units, batches, run_batch, store)
+        report.units = [u.name for u in units]
+    if adaround and cfg.adaround_iters > 0:
+        with qunet.ctx.select(0):
+            report.adaround = reconstruct_weights_(qunet, units, batches, run_batch, targets, iters=cfg.adaround_iters,
+                                                   batch=cfg.adaround_batch, lr=cfg.adaround_lr, reg=cfg.adaround_reg,
+                                                   device=device, store=store, seed=seed,
+                                                   show_progress=show_progress)  # fmt: skip
+    qunet.freeze_weights()  # round to nearest where AdaRound did not run; w_int stored for all
+    init_activations_(qunet, calib, cfg, device=device, seed=seed, accumulate=method == "ptq", pooled=pooled,
+                      show_progress=show_progress)  # fmt: skip
+    if method == "qdiffusion" and cfg.act_recon_iters > 0:
+        with qunet.ctx.select(0):
+            reconstruct_act_scales_(qunet, units, batches, run_batch, targets, iters=cfg.act_recon_iters,
+                                    batch=cfg.adaround_batch, lr=cfg.act_recon_lr, device=device, store=store,
+                                    seed=seed, show_progress=show_progress)  # fmt: skip
+    report.eps_mse = eps_mse_per_group(qunet, calib, device=device)
+    return qunet, report

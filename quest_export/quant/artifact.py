@@ -1,0 +1,108 @@
+"""The quantized-model artifact: a folder that reloads into a bit-identical fake-quant model.
+
+    quantized.safetensors   the whole state_dict: latent weights, integer weights (w_int, int8),
+                            AdaRound bits, weight scales, per-group activation scales / zero points
+    quant.json              the plan (every layer's bits and grid), group timesteps, the model it
+                            came from (name, hash), the sampler and the conditioning source
+    manifest.json           recipe fingerprint, hashes, versions (quest_export.recipe.manifest)
+
+Written atomically: an interrupted write never leaves a folder that loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quest_export.errors import ArtifactError
+from quest_export.quant.model import QuantizedUNet, QuantPlan, quantize_
+from quest_export.recipe.config import QuantRecipe, from_jsonable
+from quest_export.recipe.manifest import atomic_dir, read_manifest, verify_files, write_manifest
+
+STATE_FILE = "quantized.safetensors"
+PLAN_FILE = "quant.json"
+
+
+@dataclass
+class QuantArtifact:
+    """A loaded artifact: the quantized UNet handle plus what the folder declares."""
+
+    path: Path
+    qunet: QuantizedUNet
+    model: object  # quest_export.models.LoadedModel (float model, conditioning)
+    meta: dict
+    manifest: dict
+
+
+def save_quantized(qunet: QuantizedUNet, out: str | Path, *, recipe_fingerprint: str, quant: QuantRecipe,
+                   model_ref: dict, sampler: dict, stage: str = "quantize", config: dict | None = None,
+                   inputs: dict | None = None, extra: dict | None = None) -> Path:  # fmt: skip
+    """Write the artifact folder ``out`` atomically. ``model_ref`` = {name, cond, hash}."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in qunet.unet.state_dict().items()}
+    meta = {
+        "plan": qunet.plan.to_dict(),
+        "groups": qunet.ctx.to_dict(),
+        "quant": _jsonable(quant),
+        "model": model_ref,
+        "sampler": sampler,
+        **(extra or {}),
+    }
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / STATE_FILE), metadata={"format": "quest-export fake-quant state"})
+        (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, stage=stage, recipe_fingerprint=recipe_fingerprint, config=config, inputs=inputs)
+    return Path(out)
+
+
+def _jsonable(obj) -> dict:
+    from quest_export.recipe.config import to_jsonable
+
+    return to_jsonable(obj)
+
+
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", model=None) -> QuantArtifact:
+    """Reload an artifact into a fake-quant UNet that gives bit-identical outputs.
+
+    Args:
+        model: an already loaded float model to quantize (else loaded from the artifact's reference).
+    Raises:
+        ArtifactError: missing/corrupt files, or a float model whose hash differs from the one quantized.
+    """
+    from safetensors.torch import load_file
+
+    from quest_export.models import load_model
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    meta = json.loads((path / PLAN_FILE).read_text())
+    ref = meta["model"]
+    if model is None:
+        model = load_model(ref["name"], cond=ref.get("cond"), device=device)
+    if model.source_hash != ref["hash"]:
+        raise ArtifactError(f"{path} was quantized from a float model with hash {ref['hash'][:12]}, but "
+                            f"'{ref['name']}' now has hash {model.source_hash[:12]}; re-run quantize")  # fmt: skip
+    plan = QuantPlan.from_dict(meta["plan"])
+    quant = from_jsonable(QuantRecipe, meta["quant"], path="quant")
+    qunet = quantize_(model.unet, quant, group_timesteps=meta["groups"]["timesteps"], plan=plan)
+    state = load_file(str(path / STATE_FILE), device=str(device))
+    for name, q in qunet.act_quantizers().items():  # lazily sized per-channel quantizers
+        key = f"{name}.scales.0"
+        if q.per_channel and key in state:
+            q.resize(state[key].numel())
+    for name, wq in qunet.weight_quantizers().items():  # optional buffers: size them before loading
+        for buf in ("rounding", "w_int"):
+            t = state.get(f"{name}.{buf}")
+            if t is not None:
+                setattr(wq, buf, torch.zeros_like(t))
+    missing, unexpected = qunet.unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"{path}: state does not fit the plan (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                            "the artifact was written by another quest-export version; re-run quantize")  # fmt: skip
+    qunet.unet.to(device)
+    return QuantArtifact(path=path, qunet=qunet, model=model, meta=meta, manifest=manifest)
