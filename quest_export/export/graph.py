@@ -1,0 +1,166 @@
+"""ONNX post-processing of a traced QDQ graph: names, opset/IR, INT4 retyping, shared weights.
+
+Never computes in-graph constants and never folds a DQ into float weights (deploy.md E-7, E-23).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+INT4 = {"int4": TensorProto.INT4, "uint4": TensorProto.UINT4}
+
+
+def fix_opset17(model: onnx.ModelProto) -> None:
+    """Split-18's ``num_outputs`` attribute is unknown to opset 17: equal splits need no attribute."""
+    for node in model.graph.node:
+        if node.op_type == "Split":
+            attrs = [a for a in node.attribute if a.name != "num_outputs"]
+            if len(attrs) != len(node.attribute):
+                del node.attribute[:]
+                node.attribute.extend(attrs)
+
+
+def inline_identity_initializers(model: onnx.ModelProto) -> int:
+    """Undo the TorchScript exporter's de-duplication of equal initializers (``Identity(init)``).
+
+    Equal scales of different quantizers (siblings reading the same tensor) otherwise reach their
+    Q/DQ through an Identity node, which is not a build-time constant for TensorRT (E-2, E-7).
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    keep, n = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+            n += 1
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return n
+
+
+def set_versions(model: onnx.ModelProto, *, opset: int, ir_version: int) -> None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = opset
+    model.ir_version = ir_version  # always explicit (deploy.md E-13)
+
+
+def retype_int4(model: onnx.ModelProto, names: dict[str, str]) -> list[str]:
+    """Convert initializers (int8/uint8 holding 4-bit values) to INT4/UINT4 (deploy.md E-10, E-24).
+
+    Args:
+        names: initializer name -> "int4" | "uint4".
+    Returns:
+        the names converted. Raises ValueError naming a tensor whose values leave the 4-bit range.
+    """
+    import ml_dtypes
+
+    done = []
+    for i, init in enumerate(model.graph.initializer):
+        kind = names.get(init.name)
+        if kind is None:
+            continue
+        arr = numpy_helper.to_array(init)
+        lo, hi = (-8, 7) if kind == "int4" else (0, 15)
+        if arr.size and (arr.min() < lo or arr.max() > hi):
+            raise ValueError(f"{init.name}: values {arr.min()}..{arr.max()} do not fit {kind}")
+        np_dtype = ml_dtypes.int4 if kind == "int4" else ml_dtypes.uint4
+        new = numpy_helper.from_array(arr.astype(np_dtype), init.name)
+        model.graph.initializer[i].CopyFrom(new)
+        done.append(init.name)
+    if done:
+        del model.graph.value_info[:]  # Q outputs change type with their zero point; let runtimes re-infer
+    return done
+
+
+def name_qdq_nodes(model: onnx.ModelProto) -> None:
+    """Name each Q/DQ node after its scale initializer: '<quantizer>/QuantizeLinear' (readable in lint and TRT logs)."""
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 1:
+            base = node.input[1].removesuffix(".export_scale").removeprefix("unet.")
+            name = f"{base}/{node.op_type}"
+            k = seen.get(name, 0)
+            seen[name] = k + 1
+            node.name = name if k == 0 else f"{name}_{k}"
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=str(v))
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def write_shared_weights(models: list[onnx.ModelProto], out_dir: Path, files: list[str], weights: str) -> None:
+    """Save graphs that share their identical initializers through one external data file.
+
+    An initializer whose name and bytes are equal in every graph is written once to ``weights``
+    and referenced by offset from each graph; the rest (per-group scales) stay inline.
+    """
+    first = {i.name: i for i in models[0].graph.initializer}
+    shared = set(first)
+    for m in models[1:]:
+        here = {i.name: i.raw_data or i.SerializeToString() for i in m.graph.initializer}
+        shared &= {n for n in here if n in first and here[n] == (first[n].raw_data or first[n].SerializeToString())}
+    offsets: dict[str, tuple[int, int]] = {}
+    wpath = out_dir / weights
+    tmp = wpath.with_name(wpath.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for name in sorted(shared):
+            data = numpy_helper.to_array(first[name]) if not first[name].raw_data else None
+            raw = first[name].raw_data if data is None else _raw(first[name])
+            pad = (-f.tell()) % 64  # 64-byte alignment, as onnx's own writer
+            f.write(b"\0" * pad)
+            offsets[name] = (f.tell(), len(raw))
+            f.write(raw)
+    os.replace(tmp, wpath)
+    for m, fname in zip(models, files):
+        for init in m.graph.initializer:
+            if init.name in offsets:
+                if not init.raw_data:
+                    init.raw_data = _raw(init)
+                    _clear_typed(init)
+                off, length = offsets[init.name]
+                del init.external_data[:]
+                init.data_location = TensorProto.EXTERNAL
+                for k, v in (("location", weights), ("offset", str(off)), ("length", str(length))):
+                    init.external_data.add(key=k, value=v)
+                init.ClearField("raw_data")
+        onnx.save_model(m, str(out_dir / fname))
+
+
+def _raw(init: TensorProto) -> bytes:
+    if init.raw_data:
+        return init.raw_data
+    return numpy_helper.from_array(numpy_helper.to_array(init)).raw_data
+
+
+def _clear_typed(init: TensorProto) -> None:
+    for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        init.ClearField(f)
+
+
+def load_with_external(path: str | Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)
+
+
+def to_numpy_feed(arrays: dict) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
