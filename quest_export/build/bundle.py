@@ -1,0 +1,454 @@
+"""On-device build bundle (deploy.md B-13, B-14; docs/formats.md "Bundle").
+
+A Jetson engine is built on the Jetson, so an export for it becomes a bundle: the ONNX graph(s), the
+reference data, ``build.sh`` (the rendered ``trtexec`` calls, no Python needed), ``build_engine.py`` (the
+TensorRT Python API through the bundled torch-free ``quest_export_runtime/``), a README and a manifest
+that hashes every file. Imports: the standard library, numpy, ``quest_export.errors``/``recipe`` and
+``quest_export.build.trt``; ``onnx`` lazily (to find external-data files).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+from quest_export import __version__
+from quest_export.build.trt import BuildPlan, engine_files, plan_build, render_trtexec
+from quest_export.errors import ArtifactError, TargetError
+from quest_export.recipe.config import TargetProfile, VerifyConfig
+from quest_export.recipe.manifest import (
+    MANIFEST_NAME,
+    atomic_dir,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
+
+BASE_KEYS = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created")
+RUNTIME_PARTS = ("__init__.py", "errors.py", "recipe", "runtime", "build")  # the torch-free part of quest_export
+ATOL_FLOOR = 1e-5  # polygraphy's default atol: the bound never goes below it
+
+
+def bundle_from_export(
+    export_dir: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    target: TargetProfile,
+    plan: BuildPlan | None = None,
+) -> Path:
+    """Write the on-device build bundle of an export folder, atomically.
+
+    Args:
+        export_dir: an export artifact (``stage: export``); every file hash is verified first.
+        out: bundle folder to create (replaced if it exists).
+        target: the TensorRT target profile the export was made for.
+        plan: build plan; None = ``plan_build(target, io, int4=..., precision=...)`` from the export manifest.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TargetError: the export was made for another target, the target is not TensorRT, or the plan is
+            for another target.
+        ArtifactError / ManifestMismatch: the export is incomplete, tampered, or lacks its reference data.
+    """
+    export_dir, out = Path(export_dir), Path(out)
+    manifest = read_manifest(export_dir, stage="export")
+    verify_files(export_dir, manifest)
+    exported_for = (manifest.get("target") or {}).get("id")
+    if exported_for != target.id:
+        raise TargetError(f"{export_dir} was exported for target '{exported_for}', not '{target.id}'; re-export with "
+                          f"--target {target.id} or bundle it for '{exported_for}'")  # fmt: skip
+    if not target.is_tensorrt:
+        raise TargetError(f"target '{target.id}' runs ONNX Runtime: its export folder is already what the device "
+                          "loads, a TensorRT bundle does not apply")  # fmt: skip
+    if plan is None:
+        int4 = any(layer.get("storage") in ("int4", "int4-block") for layer in manifest.get("layers") or [])
+        plan = plan_build(target, manifest["io"], int4=int4, precision=manifest.get("precision"))
+    if plan.target != target.id:
+        raise TargetError(f"the build plan is for target '{plan.target}', the bundle for '{target.id}'; "
+                          "plan again with this target's profile")  # fmt: skip
+    refs = _reference(export_dir, manifest)
+    with atomic_dir(out) as tmp:
+        for rel in _payload(export_dir, manifest):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(export_dir / rel, tmp / rel)
+        verify = _verify_commands(tmp, manifest, refs)
+        _write(tmp / "build.sh", render_build_sh(plan, manifest["graphs"], verify), executable=True)
+        _write(tmp / "build_engine.py", BUILD_ENGINE_PY, executable=True)
+        _copy_runtime(tmp / "quest_export_runtime" / "quest_export")
+        _write(tmp / "README.md", render_readme(plan, manifest, verify))
+        extra = {k: v for k, v in manifest.items() if k not in BASE_KEYS}
+        extra["build"] = plan.to_dict()
+        write_manifest(tmp, stage="bundle", recipe_fingerprint=manifest.get("recipe_fingerprint"),
+                       config=manifest.get("config"), inputs={"export": sha256_file(export_dir / MANIFEST_NAME)},
+                       extra=extra)  # fmt: skip
+    return out
+
+
+# -- what is copied ----------------------------------------------------------------------------
+
+
+def _payload(export_dir: Path, manifest: dict) -> list[str]:
+    """Relative paths to copy: graphs, their external data, conditioning, reference/ (all hashed files)."""
+    hashed = set(manifest.get("files", {}))
+    wanted = []
+    for graph in manifest.get("graphs") or []:
+        wanted.append(graph["file"])
+        parent = Path(graph["file"]).parent
+        wanted += sorted((parent / loc).as_posix() for loc in _external_data(export_dir / graph["file"]))
+    if manifest.get("weights_file"):
+        wanted.append(manifest["weights_file"])
+    if manifest.get("conditioning"):
+        wanted.append(manifest["conditioning"]["file"])
+    wanted += sorted(rel for rel in hashed if rel.startswith("reference/"))
+    if not manifest.get("graphs"):
+        raise ArtifactError(f"{export_dir}: manifest lists no graphs; re-run the export")
+    unlisted = [rel for rel in dict.fromkeys(wanted) if rel not in hashed]
+    if unlisted:
+        raise ArtifactError(f"{export_dir}: {unlisted[0]} is needed but not hashed in the export manifest; "
+                            "re-run the export")  # fmt: skip
+    return list(dict.fromkeys(wanted))
+
+
+def _external_data(onnx_path: Path) -> set[str]:
+    """Locations of the external-data files an ONNX model refers to (read without loading the data)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for node in model.graph.node for a in node.attribute if a.HasField("t")]
+    return {
+        e.value
+        for t in tensors
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+
+
+def _copy_runtime(dest: Path) -> None:
+    """quest_export/{__init__,errors}.py and recipe/, runtime/, build/ (*.py only): the torch-free runtime."""
+    src = Path(__file__).resolve().parents[1]
+    for part in RUNTIME_PARTS:
+        files = [src / part] if part.endswith(".py") else sorted((src / part).glob("*.py"))
+        for f in files:
+            target = dest / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+
+
+def _write(path: Path, text: str, *, executable: bool = False) -> None:
+    path.write_text(text)
+    if executable:
+        path.chmod(0o755)
+
+
+# -- reference data and the polygraphy check (P-1, P-2) ------------------------------------------
+
+
+def _reference(export_dir: Path, manifest: dict) -> dict:
+    ref = manifest.get("reference") or {}
+    missing = [k for k in ("inputs", "ref_fq", "ref_float") if not ref.get(k) or not (export_dir / ref[k]).is_file()]
+    if missing:
+        raise ArtifactError(f"{export_dir}: reference data {', '.join(missing)} missing (docs/formats.md, "
+                            "reference/); re-run the export so the device can verify its engine")  # fmt: skip
+    return ref
+
+
+def load_run_results(path: str | os.PathLike) -> dict[str, list[dict]]:
+    """Polygraphy ``RunResults`` JSON -> {runner: [{output: np.ndarray} per iteration]}, without polygraphy."""
+    import numpy as np
+
+    def arr(obj):
+        if isinstance(obj, dict) and obj.get("polygraphy_class") == "LazyArray":
+            obj = obj["values"]
+        return np.load(io.BytesIO(base64.b64decode(obj["array"])), allow_pickle=False)
+
+    data = json.loads(Path(path).read_text())
+    return {runner: [{k: arr(v) for k, v in it["outputs"].items()} for it in its] for runner, its in data["lst"]}
+
+
+def reference_atol(ref_fq: str | os.PathLike, ref_float: str | os.PathLike, feeds: list[int] | None = None) -> float:
+    """atol for ``--check-error-stat mean`` from H-3: mean|engine - FQ| <= factor * mean|FQ - float|, per feed.
+
+    Returns the largest per-feed bound (over ``feeds``, default all), so every recorded step is allowed the
+    quantization noise the fake-quant model itself has against the float model.
+    """
+    import numpy as np
+
+    fq = next(iter(load_run_results(ref_fq).values()))
+    fl = next(iter(load_run_results(ref_float).values()))
+    idx = range(len(fq)) if feeds is None else feeds
+    factor = VerifyConfig().mean_err_factor
+    bound = max((float(np.mean(np.abs(fq[i][k] - fl[i][k]))) for i in idx for k in fq[i]), default=0.0)
+    return max(float(f"{factor * bound:.3g}"), ATOL_FLOOR)
+
+
+def _verify_commands(tmp: Path, manifest: dict, ref: dict) -> list[str]:
+    """One polygraphy command per engine; per-group engines get their own group's feeds (split here)."""
+
+    def cmd(engine: str, inputs: str, outputs: str, atol: float) -> str:
+        return shlex.join(["polygraphy", "run", f"engine/{engine}", "--model-type", "engine", "--trt",
+                           "--load-inputs", inputs, "--load-outputs", outputs, "--atol", f"{atol:g}",
+                           "--rtol", "0", "--check-error-stat", "mean"])  # fmt: skip
+
+    graphs = manifest["graphs"]
+    if all(g.get("group") is None for g in graphs):
+        atol = reference_atol(tmp / ref["ref_fq"], tmp / ref["ref_float"])
+        return [cmd(engine_files(None).engine, ref["inputs"], ref["ref_fq"], atol)]
+    feeds_file = tmp / "reference" / "feeds.json"
+    if not feeds_file.is_file():
+        raise ArtifactError("per-group export without reference/feeds.json; re-run the export")
+    groups = json.loads(feeds_file.read_text())["groups"]
+    inputs = json.loads((tmp / ref["inputs"]).read_text())
+    fq = json.loads((tmp / ref["ref_fq"]).read_text())
+    out = []
+    for g in (int(g["group"]) for g in graphs):
+        idx = [i for i, gi in enumerate(groups) if gi == g]
+        sub_in, sub_fq = f"reference/inputs_g{g:02d}.json", f"reference/ref_fq_g{g:02d}.json"
+        (tmp / sub_in).write_text(json.dumps([inputs[i] for i in idx], indent=4))
+        lst = [[runner, [its[i] for i in idx]] for runner, its in fq["lst"]]
+        (tmp / sub_fq).write_text(json.dumps({**fq, "lst": lst}, indent=4))
+        atol = reference_atol(tmp / ref["ref_fq"], tmp / ref["ref_float"], idx)
+        out.append(cmd(engine_files(g).engine, sub_in, sub_fq, atol))
+    return out
+
+
+# -- build.sh ------------------------------------------------------------------------------------
+
+
+def render_build_sh(plan: BuildPlan, graphs: list[dict], verify: list[str]) -> str:
+    """The bundle's bash build script: platform check (J-5), one trtexec call per graph, verify hint."""
+    q = shlex.quote
+    builds = []
+    for graph in graphs:
+        files = engine_files(graph.get("group"))
+        args = render_trtexec(plan, graph["file"], f"engine/{files.engine}", timing_cache=plan.timing_cache)
+        builds.append(f'echo "build.sh: {files.engine} from {graph["file"]}"\n"$TRTEXEC" {shlex.join(args[1:])}')
+    key = json.dumps(
+        {"trt_version": plan.trt_version, "compute_capability": plan.compute_capability, "jetpack": plan.jetpack,
+         "cuda": plan.cuda}, sort_keys=True)  # fmt: skip
+    subs = {
+        "@@VERSION@@": __version__,
+        "@@TARGET@@": q(plan.target),
+        "@@TRT@@": q(plan.trt_version),
+        "@@EXPERIMENTAL@@": q(" ".join(plan.experimental)),
+        "@@CACHE@@": q(plan.timing_cache),
+        "@@CACHE_KEY@@": q(key),
+        "@@PLATFORM_CHECK@@": _platform_check(plan),
+        "@@HINT@@": _targets_hint().replace('"', "'"),
+        "@@BUILDS@@": "\n".join(builds),
+        "@@VERIFY@@": "\n".join(f"  {c}" for c in verify),
+    }
+    text = BUILD_SH
+    for k, v in subs.items():
+        text = text.replace(k, v)
+    return text
+
+
+def _platform_check(plan: BuildPlan) -> str:
+    from quest_export.build.trt import JETPACK_L4T
+
+    if not plan.jetpack:
+        ccs = " ".join(plan.compute_capabilities)
+        return (f'[ -z "$L4T" ] || die "this is a Jetson (L4T $L4T) but target $TARGET is a discrete GPU; $HINT"\n'
+                'if command -v nvidia-smi >/dev/null 2>&1; then\n'
+                '  CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 || true)\n'
+                f'  case "$CC" in "" | {" | ".join(plan.compute_capabilities)}) ;;\n'
+                f'    *) die "this GPU is SM $CC, target $TARGET is for SM {ccs}; $HINT" ;;\n  esac\n'
+                'fi')  # fmt: skip
+    releases = JETPACK_L4T.get(plan.jetpack, ())
+    patterns = " | ".join(f"{r} | {r}.*" for r in releases) or "*"
+    return (f'[ -n "$L4T" ] || die "target $TARGET is a Jetson on JetPack {plan.jetpack} but this machine has no '
+            f'/etc/nv_tegra_release; $HINT"\n'
+            f'case "$L4T" in\n  {patterns}) ;;\n'
+            f'  *) die "this Jetson runs L4T $L4T, target $TARGET needs JetPack {plan.jetpack} '
+            f'(L4T {" or ".join(releases)}); $HINT" ;;\nesac')  # fmt: skip
+
+
+def _targets_hint() -> str:
+    """'re-create the bundle for this device: quest-export build --target T (jetson-orin-jp51 = TensorRT 8.5.2, ...)'."""
+    from quest_export.recipe.targets import list_targets, load_target
+
+    pairs = []
+    for tid in list_targets():
+        t = load_target(tid)
+        if t.is_tensorrt:
+            pairs.append(f"{tid} = TensorRT {t.trt_version}")
+    return "re-create the bundle for this device: quest-export build --target T" + (
+        f" ({', '.join(pairs)})" if pairs else ""
+    )
+
+
+BUILD_SH = r"""#!/usr/bin/env bash
+# Builds the TensorRT engine(s) of this quest-export bundle on the device (deploy.md B-14, J-4, J-5).
+# Usage: ./build.sh [--allow-experimental]       Engines, layer info and profiles go to ./engine/.
+# Written by quest-export @@VERSION@@; do not edit it: re-create the bundle instead.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TARGET=@@TARGET@@
+EXPECTED_TRT=@@TRT@@
+EXPERIMENTAL=@@EXPERIMENTAL@@
+CACHE=@@CACHE@@
+CACHE_KEY=@@CACHE_KEY@@
+HINT="@@HINT@@"
+
+die() { echo "build.sh: $*" >&2; exit 2; }
+
+ALLOW_EXPERIMENTAL=0
+for arg in "$@"; do
+  case "$arg" in
+    --allow-experimental) ALLOW_EXPERIMENTAL=1 ;;
+    -h | --help) sed -n '2,3p' "$0"; exit 0 ;;
+    *) die "unknown argument '$arg'; usage: ./build.sh [--allow-experimental]" ;;
+  esac
+done
+if [ -n "$EXPERIMENTAL" ] && [ "$ALLOW_EXPERIMENTAL" != 1 ]; then
+  die "this bundle uses cells not yet verified on TensorRT $EXPECTED_TRT ($EXPERIMENTAL, deploy.md section 11); re-run with --allow-experimental to build it anyway"
+fi
+
+# trtexec ships with JetPack in /usr/src/tensorrt/bin; elsewhere take the one on PATH.
+if [ -x /usr/src/tensorrt/bin/trtexec ]; then
+  TRTEXEC=/usr/src/tensorrt/bin/trtexec
+elif command -v trtexec >/dev/null 2>&1; then
+  TRTEXEC=$(command -v trtexec)
+else
+  die "trtexec not found in /usr/src/tensorrt/bin or on PATH; install TensorRT $EXPECTED_TRT (JetPack: sudo apt install nvidia-jetpack)"
+fi
+
+# The platform must be the bundle's target: L4T release (Jetson) and the installed libnvinfer version.
+L4T=""
+if [ -r /etc/nv_tegra_release ]; then
+  L4T=$(sed -n 's/^# R\([0-9]*\) (release), REVISION: \([0-9.]*\).*/\1.\2/p' /etc/nv_tegra_release | head -n1 || true)
+fi
+@@PLATFORM_CHECK@@
+
+TRT_FOUND=""
+if command -v dpkg-query >/dev/null 2>&1; then
+  TRT_FOUND=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\n' 'libnvinfer[0-9]*' 2>/dev/null \
+    | awk '$1 == "ii" && $2 ~ /^libnvinfer[0-9]+$/ { print $3; exit }' || true)
+fi
+if [ -z "$TRT_FOUND" ]; then
+  LIB=$(ldconfig -p 2>/dev/null | awk '/libnvinfer\.so\.[0-9]+ / { print $NF; exit }' || true)
+  if [ -n "$LIB" ]; then
+    TRT_FOUND=$(basename "$(readlink -f "$LIB")" | sed 's/^libnvinfer\.so\.//')
+  fi
+fi
+[ -n "$TRT_FOUND" ] || die "cannot find libnvinfer (dpkg-query, ldconfig); install TensorRT $EXPECTED_TRT"
+case "$TRT_FOUND" in
+  "$EXPECTED_TRT" | "$EXPECTED_TRT".* | "$EXPECTED_TRT"-*) ;;
+  *) die "this device has TensorRT $TRT_FOUND, the bundle is for TensorRT $EXPECTED_TRT (target $TARGET); $HINT" ;;
+esac
+
+# The timing cache is keyed (TensorRT, compute capability, JetPack or CUDA): never load another key's (B-10).
+if [ -e "$CACHE" ] && [ "$(cat "$CACHE.json" 2>/dev/null || true)" != "$CACHE_KEY" ]; then
+  die "timing cache $CACHE has another or no key ($CACHE.json); delete both files to start a new cache"
+fi
+
+mkdir -p engine
+echo "build.sh: TensorRT $TRT_FOUND ($TRTEXEC), target $TARGET"
+@@BUILDS@@
+printf '%s\n' "$CACHE_KEY" > "$CACHE.json"
+
+cat <<'EOF'
+
+Engine(s), layer info and profiles are in engine/. Compare with the PyTorch fake-quant reference (deploy.md P-1):
+@@VERIFY@@
+The Python route (python3 build_engine.py) also writes engine/manifest.json and the INT8 layer audit,
+which the quest-export runtime needs before it loads an engine.
+EOF
+"""
+
+BUILD_ENGINE_PY = '''#!/usr/bin/env python3
+"""Build this bundle's TensorRT engine(s) with the TensorRT Python API (no torch needed).
+
+Usage: python3 build_engine.py [--out DIR] [--allow-experimental] [--timing-cache FILE] [--quiet]
+"""
+
+import sys
+from pathlib import Path
+
+sys.dont_write_bytecode = True  # keep the hashed bundle free of __pycache__
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "quest_export_runtime"))
+
+from quest_export.build.trt import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main([str(HERE), *sys.argv[1:]]))
+'''
+
+
+# -- README.md -----------------------------------------------------------------------------------
+
+
+def render_readme(plan: BuildPlan, manifest: dict, verify: list[str]) -> str:
+    """Device-side instructions: contents, build and verify commands, runtime, versions, known limits."""
+    prec = manifest.get("precision") or {}
+    jetson = f"JetPack {plan.jetpack}, " if plan.jetpack else ""
+    graphs = ", ".join(g["file"] for g in manifest["graphs"])
+    limits = []
+    if prec.get("w_bits", 8) < 8:
+        limits.append(f"- {prec.get('note') or 'W4 stored as INT8; speed = W8A8'} (TensorRT has no INT4 convolution, "
+                      "deploy.md E-8).")  # fmt: skip
+    if prec.get("a_bits", 8) < 8:
+        limits.append(f"- A{prec['a_bits']} activations run in an INT8 container (Clip before an INT8 Q with the "
+                      "low-bit scale): exact low-bit numerics at W8A8 speed; Clip fusion unverified (E-9b, Q10).")  # fmt: skip
+    if plan.experimental:
+        limits.append(f"- Experimental cells ({', '.join(plan.experimental)}): not yet verified on TensorRT "
+                      f"{plan.trt_version}; building needs --allow-experimental (deploy.md section 11).")  # fmt: skip
+    limits.append(
+        "- The engine is tied to this TensorRT version, GPU (SM) and platform: build it on the device (B-13)."
+    )
+    verify_block = "\n".join(f"    {c}" for c in verify)
+    return f"""# quest-export bundle: {plan.target}
+
+Recipe `{manifest.get("recipe_fingerprint")}`, precision {prec.get("mode", "?")}, scale mode
+{manifest.get("scale_mode", "?")}. Expected on the device: {jetson}TensorRT {plan.trt_version},
+compute capability {" or ".join(plan.compute_capabilities)}; typing {plan.typing}
+(trtexec flags: `{" ".join(plan.flags) or "none"}`).
+
+## Inside
+
+| path | what |
+|---|---|
+| `{graphs}` | the QDQ ONNX graph(s), with their external data files beside them |
+| `reference/` | recorded UNet inputs and the PyTorch fake-quant / float outputs (Polygraphy JSON) |
+| `build.sh` | builds with `trtexec` (no Python needed), after checking L4T and the TensorRT version |
+| `build_engine.py` | builds with the TensorRT Python API; also writes `engine/manifest.json` and the INT8 audit |
+| `quest_export_runtime/` | the torch-free quest-export runtime (numpy + TensorRT) |
+| `manifest.json` | SHA-256 of every file, the export's keys and the build plan (`build`) |
+
+## Build
+
+    ./build.sh                    # or: python3 build_engine.py
+{"    ./build.sh --allow-experimental" if plan.experimental else ""}
+Engines go to `engine/` (`unet.plan`, per group `unet_gNN.plan`), with `layers*.json` (layer info) and
+`profile*.json`. The timing cache `{plan.timing_cache}` is kept next to this file and reused by later builds
+on the same device class.
+
+## Verify
+
+{verify_block}
+
+The tolerance is the H-3 bound: mean |engine - fake-quant| may reach {VerifyConfig().mean_err_factor} times
+the fake-quant model's own mean error against the float model.
+
+## Run
+
+Put the bundled runtime on the path: `export PYTHONPATH=$PWD/quest_export_runtime`, then
+`import quest_export.runtime` in Python 3.10+ with numpy and TensorRT; it checks `engine/manifest.json`
+(TensorRT version, compute capability, file hashes) before it loads an engine.
+
+## Known limits
+
+{chr(10).join(limits)}
+"""
