@@ -256,7 +256,7 @@ class QuestFinetuner:
                        enabled=self.show)  # fmt: skip
         first = self.pos["index"] == 0
         try:
-            for g in order[self.pos["index"]:]:
+            for g in order[self.pos["index"] :]:
                 samples[g] = self.calib.draw(self._rows(g), cfg.b_samples, self.gen)  # drawn once per group
                 scales = [self.temporal[n].input_quantizer.scales[g] for n in names
                           if self.temporal[n].input_quantizer is not None]  # fmt: skip

@@ -107,7 +107,9 @@ def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
         raise ModelError(f"model '{name}' not found: give a bundled name ({', '.join(BUNDLED)}) or a diffusers "
                          "folder (a UNet folder with config.json, or a pipeline folder with unet/ and scheduler/)")  # fmt: skip
     if not root.is_dir():
-        raise ModelError(f"{root} is a file; expected a diffusers folder (config.json + weights, or unet/ + scheduler/)")
+        raise ModelError(
+            f"{root} is a file; expected a diffusers folder (config.json + weights, or unet/ + scheduler/)"
+        )
     if (root / "unet" / "config.json").is_file():
         unet_dir, sched_file = root / "unet", root / "scheduler" / "scheduler_config.json"
     elif (root / "config.json").is_file():
@@ -166,7 +168,9 @@ def load_conditioning(path: Path, *, expected_dim: int | None = None) -> Conditi
     if table.dim() != 3:
         raise InputError(f"{path}: encoder_hidden_states must be (R, L, D), got {tuple(table.shape)}")
     if expected_dim is not None and table.shape[-1] != expected_dim:
-        raise InputError(f"{path}: rows have width {table.shape[-1]}, the UNet expects cross_attention_dim {expected_dim}")
+        raise InputError(
+            f"{path}: rows have width {table.shape[-1]}, the UNet expects cross_attention_dim {expected_dim}"
+        )
     uncond = int(meta["uncond_index"]) if "uncond_index" in meta else None
     labels = json.loads(meta["labels"]) if "labels" in meta else [str(i) for i in range(table.shape[0])]
     return Conditioning(table=table, uncond_index=uncond, labels=labels, source=str(path))
@@ -184,7 +188,9 @@ def source_hash(info: ModelInfo) -> str:
     return h.hexdigest()
 
 
-def load_model(name: str = DEFAULT_MODEL, *, cond: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL, *, cond: str | None = None, device: str | torch.device = "cpu"
+) -> LoadedModel:
     """Load the float UNet (float32, eval mode) and its conditioning."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 

@@ -8,8 +8,8 @@ calibration records UNet inputs through a forward pre-hook.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

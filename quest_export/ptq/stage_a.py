@@ -82,8 +82,10 @@ def init_activations_(qunet: QuantizedUNet, calib: CalibrationSet, cfg: PtqConfi
         pool = calib.group_rows(g, G, pooled=pooled or G == 1)
         first = calib.draw(pool, cfg.act_batch, gen)
         rest = pool if (running or accumulate) else pool[:0]
-        with qunet.ctx.select(g), qunet.mode(QuantMode.FULL), qunet.calibrating(
-            method=cfg.act_init, running_stat=running, accumulate=accumulate
+        with (
+            qunet.ctx.select(g),
+            qunet.mode(QuantMode.FULL),
+            qunet.calibrating(method=cfg.act_init, running_stat=running, accumulate=accumulate),
         ):
             x, t, cond = calib.batch(first, device)[:3]
             run_unet(unet, x, t, cond)

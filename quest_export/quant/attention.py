@@ -25,9 +25,9 @@ def _maybe(attn, name: str, x: torch.Tensor) -> torch.Tensor:
 class QuantAttnProcessor:
     """Attention with quantizers on its operands; float everywhere a quantizer is absent.
 
-        Q = to_q(x), K = to_k(ctx), V = to_v(ctx)            (B, L, heads * d)
-        S = (Q_hat K_hat^T) * d^-1/2 ; P = softmax(S) in FP32  (B * heads, L_q, L_k)
-        O = P_hat V_hat ; out = to_out[0](O)
+    Q = to_q(x), K = to_k(ctx), V = to_v(ctx)            (B, L, heads * d)
+    S = (Q_hat K_hat^T) * d^-1/2 ; P = softmax(S) in FP32  (B * heads, L_q, L_k)
+    O = P_hat V_hat ; out = to_out[0](O)
     """
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -50,7 +50,9 @@ class QuantAttnProcessor:
         if self_attention:
             context = hidden_states
         else:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+            context = (
+                attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+            )
             context = _maybe(attn, "context_quantizer", context)
         key = attn.to_k(context)  # (B, L_k, heads * d)
         value = attn.to_v(context)

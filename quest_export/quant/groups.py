@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
-import torch
 from torch import nn
 
 from quest_export.errors import RecipeError
@@ -100,7 +99,12 @@ def shortcut_splits(unet: nn.Module) -> dict[str, int]:
         for i, resnet in enumerate(block.resnets):
             c_deep = prev if i == 0 else resnet.out_channels
             sc = getattr(resnet, "conv_shortcut", None)
-            if sc is not None and isinstance(sc, nn.Conv2d) and 0 < c_deep < sc.in_channels and sc.kernel_size == (1, 1):
+            if (
+                sc is not None
+                and isinstance(sc, nn.Conv2d)
+                and 0 < c_deep < sc.in_channels
+                and sc.kernel_size == (1, 1)
+            ):
                 out[f"up_blocks.{j}.resnets.{i}.conv_shortcut"] = c_deep
         prev = block.resnets[-1].out_channels
     return out
@@ -160,7 +164,7 @@ def plan_quantization(unet: nn.Module, recipe: QuantRecipe, *, groups: int) -> Q
             name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=tuple(module.weight.shape),
             w_bits=w_bits, a_bits=None if shared else a_bits, w_symmetric=recipe.w_symmetric,
             a_symmetric=recipe.a_symmetric, a_per_channel=per_channel_a, split_at=splits.get(name),
-            shared_input=shared, role=role))  # fmt: skip
+            shared_input=shared, role=role, o_bits=a_bits if (recipe.output_quant and w_bits) else None))  # fmt: skip
     attention = []
     for name, attn in attns.items():
         self_attn = not attn.is_cross_attention
@@ -246,7 +250,9 @@ class QuantizedUNet:
         self._hook.remove()
 
 
-def quantize_(unet: nn.Module, recipe: QuantRecipe, *, group_timesteps: list[int], plan: QuantPlan | None = None) -> QuantizedUNet:
+def quantize_(
+    unet: nn.Module, recipe: QuantRecipe, *, group_timesteps: list[int], plan: QuantPlan | None = None
+) -> QuantizedUNet:
     """Quantize ``unet`` in place per ``recipe`` (or a stored ``plan``) and return its handle.
 
     Args:

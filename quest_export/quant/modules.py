@@ -10,8 +10,8 @@ summed with the bias added once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ class LayerSpec:
     split_at: int | None = None  # C_deep of a split shortcut
     shared_input: str | None = None  # name of the attention-level quantizer that feeds this layer
     role: str = "other"  # temporal | time-embedding | attention | ff | first | last | shortcut | other
+    o_bits: int | None = None  # output quantizer (ORT's fused in/out W8A8 form, deploy.md E-22)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -84,6 +85,8 @@ class QuantModule(nn.Module):
                                 channels=channels if spec.a_per_channel else None)  # fmt: skip
 
         c_in = w_shape[1]
+        self.output_quantizer = (ActQuantizer(bits=spec.o_bits, groups=groups, symmetric=spec.a_symmetric, ctx=ctx)
+                                 if spec.o_bits else None)  # fmt: skip
         if spec.split_at is not None:
             c1, c2 = spec.split_at, c_in - spec.split_at
             self.weight_quantizer = wq((w_shape[0], c1, *w_shape[2:])) if spec.w_bits else None
@@ -114,6 +117,9 @@ class QuantModule(nn.Module):
 
     def weight_quantizers(self) -> list[WeightQuantizer]:
         return [q for q in (self.weight_quantizer, getattr(self, "weight_quantizer_skip", None)) if q is not None]
+
+    def quantized_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def input_quantizers(self) -> list[ActQuantizer]:
         return [q for q in (self.input_quantizer, getattr(self, "input_quantizer_skip", None)) if q is not None]
@@ -152,7 +158,7 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         hook = getattr(self, "export_hook", None)
         if hook is not None:
             return hook(self, x)
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self.quantized_output(self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias))
 
 
 @register_quant_module(nn.Linear)
@@ -168,4 +174,4 @@ class QuantLinear(QuantModule, nn.Linear):
         hook = getattr(self, "export_hook", None)
         if hook is not None:
             return hook(self, x)
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self.quantized_output(F.linear(self.quantized_input(x), self.quantized_weight(), self.bias))

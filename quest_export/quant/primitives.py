@@ -32,7 +32,9 @@ def floor_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.floor(x) - x).detach()
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int
+) -> torch.Tensor:
     """Integer codes (as a float tensor) exactly like ONNX QuantizeLinear."""
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
@@ -42,7 +44,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     return (q - zero_point) * scale
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int
+) -> torch.Tensor:
     """DequantizeLinear(QuantizeLinear(x)) with straight-through gradients for x and the scale.
 
     The scale receives the LSQ-style gradient (round(x/s) - x/s inside the range, q_min/q_max

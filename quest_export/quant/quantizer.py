@@ -188,7 +188,7 @@ class ActQuantizer(nn.Module):
             lo, hi = flat.min().reshape(1), flat.max().reshape(1)
         g, st = self._group(), self.calib
         if not bool(self.initialized[g]):
-            if flat.shape[0] > self.SAMPLE_CAP:
+            if st.method != "minmax" and flat.shape[0] > self.SAMPLE_CAP:  # min/max needs no samples
                 gen = torch.Generator().manual_seed(flat.shape[0])
                 flat = flat[torch.randperm(flat.shape[0], generator=gen)[: self.SAMPLE_CAP].to(flat.device)]
             s, z = activation_params(flat, bits=self.bits, symmetric=self.symmetric, zero_anchored=self.zero_anchored,

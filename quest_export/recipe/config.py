@@ -110,6 +110,7 @@ class QuantRecipe:
     first_last: str = "a8"  # a8: conv_in/conv_out inputs at 8 bits | quantized | fp | w8a8
     split_shortcut: bool | None = None  # two quantizers on decoder skip-concat shortcuts; None = method default
     share_sibling_inputs: bool = True  # to_q/to_k/to_v reading one tensor share one input quantizer
+    output_quant: bool = False  # also quantize Conv/Linear outputs: ORT CPU's fused W8A8 form (QLinearConv, E-22)
     timestep_groups: int | None = None  # G activation-scale rows; None = method default (ptq/qdiffusion 1)
     overrides: tuple[LayerOverride, ...] = ()
 
@@ -163,18 +164,18 @@ class PtqConfig:
 class FinetuneConfig:
     """QuEST Stage B (time-embedding projections) and Stage C (sensitive layers + activation scales)."""
 
-    preset: str = "fast"  # name of the preset these values came from (fast | paper | custom)
+    preset: str = "fast"  # name of the preset these values came from (fast | gpu | paper | custom)
     stage_b: bool = True
     stage_c: bool = True
-    b_epochs: int = 50  # epochs per group
+    b_epochs: int = 10  # epochs per group
     b_samples: int = 8  # samples per group, drawn once and reused every epoch
     b_batch: int = 2  # samples per optimizer step
     b_lr_weight: float = 1e-5
     b_lr_scale: float = 1e-5
     b_w_glob: float | None = None  # None = number of hooked layers (reference-equivalent)
     b_w_loc: float = 1.0
-    c_epochs: int = 5  # each epoch visits every group
-    c_samples: int = 32  # fresh samples per (epoch, group)
+    c_epochs: int = 2  # each epoch visits every group
+    c_samples: int = 16  # fresh samples per (epoch, group)
     c_batch: int = 4
     c_lr_weight: float = 1e-5
     c_lr_scale: float = 1e-4
@@ -196,7 +197,6 @@ class ExportConfig:
 
     scale_mode: str = "merged"  # merged | per-group | scale-input
     opset: int | None = None  # None = the target's cap (21 where INT4 is needed)
-    fused_io: bool = False  # cpu target: Q/DQ on outputs too so ORT forms QLinearConv (W8A8 only)
     int4_gemm: bool = False  # TensorRT >= 10: block-quantized INT4 MatMul/Gemm weights (opt-in)
     int4_block: int = 128  # 64 or 128
     batch: int = 1  # images per call the reference inputs use (CFG doubles the UNet batch)
@@ -278,7 +278,11 @@ class Recipe:
         if self.version != RECIPE_VERSION:
             raise RecipeError(
                 f"recipe version {self.version} is not readable by this quest-export (reads {RECIPE_VERSION}); "
-                + ("upgrade quest-export to read this recipe" if self.version > RECIPE_VERSION else "re-create the recipe")
+                + (
+                    "upgrade quest-export to read this recipe"
+                    if self.version > RECIPE_VERSION
+                    else "re-create the recipe"
+                )
             )
         _check_choice(self, "device", DEVICES)
 
@@ -348,7 +352,11 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
             return value.lower() in ("true", "on", "yes", "1")
         raise RecipeError(f"{path}={value!r} is not a boolean; use true or false")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not _is_int(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, str))
+            or (isinstance(value, str) and not _is_int(value))
+        ):
             raise RecipeError(f"{path}={value!r} is not an integer")
         return int(value)
     if tp is float:

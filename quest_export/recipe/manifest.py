@@ -14,9 +14,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from quest_export.errors import ArtifactError, ManifestMismatch
 
@@ -72,10 +73,17 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path
         os.replace(tmp, out)
 
 
+def _plain(o: Any) -> Any:
+    """JSON fallback for numpy scalars and arrays (duck-typed: this module imports no numpy)."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_plain) + "\n")
     os.replace(tmp, path)
     return path
 

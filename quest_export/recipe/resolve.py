@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from quest_export.errors import RecipeError, TargetError
 from quest_export.recipe import presets
@@ -55,7 +56,9 @@ def parse_set(item: str) -> dict:
 def load_recipe_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(f"recipe file {p} does not exist; write one with `quest-export build --dump-recipe > {p.name}`")
+        raise RecipeError(
+            f"recipe file {p} does not exist; write one with `quest-export build --dump-recipe > {p.name}`"
+        )
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -126,14 +129,16 @@ def check_target(recipe: Recipe) -> None:
         if recipe.export.int4_gemm and "int4-gemm" not in t.quantized_types:
             raise TargetError(f"{where} (TensorRT {t.trt_version}) has no INT4 weights; set export.int4_gemm=false "
                               f"(W4 stays exact in an INT8 container) or use a TensorRT >= 10 target")  # fmt: skip
-        if recipe.export.fused_io:
-            raise TargetError(f"{where}: export.fused_io (QLinearConv form) is an ONNX Runtime CPU form; "
-                              "TensorRT fuses input-only Q/DQ itself; set export.fused_io=false")  # fmt: skip
+        if q.output_quant:
+            raise TargetError(f"{where}: quant.output_quant (the QLinearConv form) is an ONNX Runtime CPU form; "
+                              "TensorRT fuses input-only Q/DQ itself (E-15); set quant.output_quant=false")  # fmt: skip
         if recipe.export.scale_mode == "scale-input" and trt_version_tuple(t) < (8, 6):
-            raise TargetError(f"{where}: scale-input mode needs TensorRT >= 8.6; use export.scale_mode=merged or per-group")
-    if recipe.export.fused_io and (q.w_bits != 8 or q.a_bits != 8):
-        raise TargetError(f"export.fused_io is the W8A8 ONNX Runtime speed form; {q.name} gains nothing from it "
-                          "(deploy.md E-22); set export.fused_io=false")  # fmt: skip
+            raise TargetError(
+                f"{where}: scale-input mode needs TensorRT >= 8.6; use export.scale_mode=merged or per-group"
+            )
+    if q.output_quant and (q.w_bits != 8 or q.a_bits != 8):
+        raise TargetError(f"quant.output_quant is the W8A8 ONNX Runtime speed form; {q.name} gains nothing from it "
+                          "(deploy.md E-22); set quant.output_quant=false")  # fmt: skip
 
 
 def build_recipe(data: dict) -> Recipe:

@@ -146,8 +146,13 @@ def train_unet(args: argparse.Namespace) -> None:
         data="Fashion-MNIST (Debian dataset-fashion-mnist), 28x28 padded to 32x32, [-1, 1]",
         training=dict(
             command="python -m quest_export.zoo.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            seed=args.seed, steps=step, batch=args.batch, lr=args.lr, ema=args.ema,
-            cond_drop=args.cond_drop if conditional else None, minutes=round(minutes, 2),
+            seed=args.seed,
+            steps=step,
+            batch=args.batch,
+            lr=args.lr,
+            ema=args.ema,
+            cond_drop=args.cond_drop if conditional else None,
+            minutes=round(minutes, 2),
             device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             torch=torch.__version__,
         ),
@@ -191,7 +196,9 @@ def train_classifier(args: argparse.Namespace) -> None:
             # light augmentation: horizontal flip and a random shift of up to 2 pixels
             flip = torch.rand(x.shape[0], device=dev, generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=torch.Generator().manual_seed(epoch * 7919 + k)))
+            dx, dy = (
+                int(v) for v in torch.randint(-2, 3, (2,), generator=torch.Generator().manual_seed(epoch * 7919 + k))
+            )
             x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             loss = F.cross_entropy(net(x), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -209,7 +216,9 @@ def train_classifier(args: argparse.Namespace) -> None:
     mu, sigma = f.mean(0), torch.cov(f.T)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors")
+    )
     save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous()}, str(out / "fd_reference.safetensors"),
               metadata={"split": "t10k", "n": str(f.shape[0])})  # fmt: skip
     meta = dict(test_accuracy=round(acc, 4), feature_dim=arch.FashionClassifier.feature_dim,
