@@ -112,7 +112,9 @@ def precision_note(w_bits: int, a_bits: int, target: TargetProfile) -> str:
     if w_bits < 8:
         notes.append(f"W{w_bits} stored as INT8; speed = W8A8")
     if a_bits < 8:
-        notes.append(f"W{w_bits}A{a_bits} numerics at W8A8 speed ({a_bits}-bit activations carried in INT8 behind a Clip)")
+        notes.append(
+            f"W{w_bits}A{a_bits} numerics at W8A8 speed ({a_bits}-bit activations carried in INT8 behind a Clip)"
+        )
     return "; ".join(notes) or "INT8 kernels"
 
 
@@ -192,7 +194,9 @@ def _run_reference(unet, feed: dict, qunet: QuantizedUNet | None, group: int) ->
 def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
     from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
 
+    G_LOGGER.module_severity = G_LOGGER.ERROR
     ref = tmp / "reference"
     ref.mkdir()
     save_json(feeds, str(ref / "inputs.json"))
@@ -200,7 +204,9 @@ def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
         rr = RunResults()
         rr.add([{OUTPUT: o} for o in outs], runner_name=f"torch_{name[4:]}")
         rr.save(str(ref / f"{name}.json"))
-    (ref / "feeds.json").write_text(json.dumps({"groups": groups, "timesteps": [float(f["timestep"][0]) for f in feeds]}))
+    (ref / "feeds.json").write_text(
+        json.dumps({"groups": groups, "timesteps": [float(f["timestep"][0]) for f in feeds]})
+    )
     return {"inputs": "reference/inputs.json", "ref_fq": "reference/ref_fq.json", "ref_float": "reference/ref_float.json",
             "feeds": "reference/feeds.json", "groups": groups}  # fmt: skip
 
@@ -222,6 +228,9 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     w_bits, a_bits = quant["w_bits"], quant["a_bits"]
     if max(w_bits, a_bits) > 8:
         raise TargetError(f"W{w_bits}A{a_bits} is a simulation setting; export supports up to 8 bits")
+    if quant.get("output_quant") and target.is_tensorrt:
+        raise TargetError(f"target '{target.id}': output quantizers are an ONNX Runtime CPU form; re-quantize "
+                          "with quant.output_quant=false")  # fmt: skip
     if cfg.int4_gemm:
         raise NotBuiltError("export.int4_gemm (block-quantized INT4 MatMul weights for TensorRT) is not built yet; "
                             "W4 linear layers are exported exactly in an INT8 container instead (set export.int4_gemm=false)")  # fmt: skip

@@ -20,8 +20,8 @@ x * (1 / r) -> Q(s_ref) -> DQ(s_ref), the trailing * r moved past the linear op 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -50,6 +50,7 @@ class ExportPlan:
     group: int | None  # constant scales of this group (per-group); None = the model's single row
     acts: dict[str, ActExport] = field(default_factory=dict)
     native_a4: bool = False
+    weight_only: bool = False  # activation quantizers pass their input through (exactness checks, H-2)
 
     @property
     def scale_input(self) -> bool:
@@ -114,8 +115,8 @@ def plan_acts(qunet: QuantizedUNet, *, native_a4: bool) -> dict[str, ActExport]:
             shared_consumers.setdefault(m.spec.shared_input, []).append(n)
     out: dict[str, ActExport] = {}
     for k, (name, q) in enumerate(qunet.act_quantizers().items()):
-        parent = name.rpartition(".")[0]
-        own_input = parent in layers  # input_quantizer(_skip) of a Conv/Linear: the * r folds past it
+        parent, _, leaf = name.rpartition(".")
+        own_input = parent in layers and leaf != "output_quantizer"  # a Conv/Linear input: the * r folds past it
         fold = own_input or name in shared_consumers
         low = q.bits < 8
         if low and native_a4 and q.bits == 4:
@@ -164,7 +165,7 @@ class QdqEmitter:
                 zf = z.round().float()
                 self._buffer(q, "export_clip_lo", (q.qmin - zf) * s)
                 self._buffer(q, "export_clip_hi", (q.qmax - zf) * s)
-        for name, m in self.q.layers().items():
+        for m in self.q.layers().values():
             for wq in m.weight_quantizers():
                 self._install_weight(m, wq)
 
@@ -184,6 +185,8 @@ class QdqEmitter:
         return self.ratios[info.index]
 
     def act(self, q: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
+        if self.plan.weight_only:
+            return x
         info = self._act_by_module[id(q)]
         axis = q.axis % x.dim() if q.per_channel else None
         if self.plan.scale_input:
@@ -209,9 +212,13 @@ class QdqEmitter:
             (slice(0, c), m.input_quantizer, m.weight_quantizer),
             (slice(c, None), m.input_quantizer_skip, m.weight_quantizer_skip)]  # fmt: skip
         fold_q = self._shared.get(spec.shared_input) if spec.shared_input else None
+        oq = m.output_quantizer
         if c is None and not self.plan.scale_input and spec.kind == "conv":  # plain Conv with its bias
             iq = m.input_quantizer
-            return m._conv_forward(iq(x) if iq is not None else x, self._weight(m, m.weight_quantizer, slice(None)), m.bias)
+            y = m._conv_forward(
+                iq(x) if iq is not None else x, self._weight(m, m.weight_quantizer, slice(None)), m.bias
+            )
+            return y if oq is None else oq(y)
         y = None
         for part, iq, wq in parts:
             xp = x if c is None else x[:, part]
@@ -227,7 +234,7 @@ class QdqEmitter:
             y = yp if y is None else y + yp
         if m.bias is not None:
             y = y + (m.bias.view(1, -1, 1, 1) if spec.kind == "conv" else m.bias)
-        return y
+        return y if oq is None else oq(y)  # output Q/DQ: ORT's fused in/out form (E-22)
 
     # -- lifetime -----------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -1,0 +1,214 @@
+"""Exactness checks of exported graphs against the fake-quant model (deploy.md H-2) and per-layer
+intermediate outputs for bisection.
+
+Where the math is exact, ONNX Runtime with graph optimisations off reproduces fake-quant to float
+accumulation order: the weight-only graph of the whole UNet, and any single quantized layer fed
+with its recorded input. Full activation-quantized graphs are not compared exactly, because a
+one-ulp difference upstream flips a rounding decision and then propagates (deploy.md section 5).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import torch
+
+from quest_export.export.exporter import LEGACY_MAX_OPSET
+from quest_export.export.qdq import ExportPlan, QdqEmitter, plan_acts
+from quest_export.quant.model import QuantMode
+from quest_export.verify.metrics import error_stats
+
+
+def _ort_run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feed.items() if k in names})
+
+
+def _torch_feed(feed: dict, device: str):
+    x = torch.from_numpy(np.asarray(feed["sample"])).to(device)
+    t = torch.from_numpy(np.asarray(feed["timestep"])).to(device)
+    c = feed.get("encoder_hidden_states")
+    return x, t, None if c is None else torch.from_numpy(np.asarray(c)).to(device)
+
+
+def _call(unet, x, t, c):
+    return unet(x, t, encoder_hidden_states=c).sample if c is not None else unet(x, t).sample
+
+
+def _export_module(module, args, names, emitter: QdqEmitter, opset: int) -> onnx.ModelProto:
+    from quest_export.export import graph as G
+
+    buf = io.BytesIO()
+    with emitter.installed(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=min(opset, LEGACY_MAX_OPSET),
+                          input_names=names, output_names=["out"], do_constant_folding=True)  # fmt: skip
+    m = onnx.load_from_string(buf.getvalue())
+    G.inline_identity_initializers(m)
+    return m
+
+
+class _UNetCall(torch.nn.Module):
+    def __init__(self, unet, conditional: bool) -> None:
+        super().__init__()
+        self.unet, self.conditional = unet, conditional
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        return _call(self.unet, sample, timestep, encoder_hidden_states if self.conditional else None)
+
+
+class _LayerCall(torch.nn.Module):
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def weight_only_check(ref, manifest: dict, feed: dict, group: int, *, tol: float) -> dict:
+    """Whole-UNet graph with weight DQ only (activations float) vs fake-quant WEIGHT_ONLY on ``feed``."""
+    q = ref.qunet
+    plan = ExportPlan(opset=manifest["onnx"]["opset"], scale_mode="merged", group=group,
+                      acts=plan_acts(q, native_a4=False), weight_only=True)  # fmt: skip
+    x, t, c = _torch_feed(feed, "cpu")
+    conditional = c is not None
+    names = ["sample", "timestep"] + (["encoder_hidden_states"] if conditional else [])
+    unet = q.unet.to("cpu")
+    with q.ctx.select(group), q.mode(QuantMode.WEIGHT_ONLY):
+        model = _export_module(_UNetCall(unet, conditional), (x, t) + ((c,) if conditional else ()), names,
+                               QdqEmitter(q, plan), plan.opset)  # fmt: skip
+        with torch.no_grad():
+            want = _call(unet, x, t.long(), c).numpy()
+    got = _ort_run(model, feed)[0]
+    st = error_stats(got, want)
+    limit = tol * max(1.0, float(want.std()))
+    return {"max_abs": st["max_abs"], "limit": limit, "pass": st["max_abs"] <= limit}
+
+
+def _capture_layer_inputs(ref, feed: dict, group: int, names: list[str]) -> dict[str, torch.Tensor]:
+    q = ref.qunet
+    layers = q.layers()
+    got: dict[str, torch.Tensor] = {}
+
+    def make(name):
+        def hook(mod, args):  # returns None: the input passes unchanged
+            got.setdefault(name, args[0].detach().clone())
+
+        return hook
+
+    hooks = [layers[n].register_forward_pre_hook(make(n)) for n in names]
+    x, t, c = _torch_feed(feed, "cpu")
+    try:
+        with torch.no_grad(), q.ctx.select(group), q.mode(QuantMode.FULL):
+            _call(q.unet.to("cpu"), x, t.long(), c)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def layer_graph_checks(ref, manifest: dict, feed: dict, group: int, *, tol: float, max_layers: int = 24) -> list[dict]:
+    """Single-layer graphs (input Q/DQ, weight DQ, the op) fed with recorded inputs, vs fake-quant."""
+    q = ref.qunet
+    names = list(q.layers())
+    if len(names) > max_layers:  # evenly spread over the UNet, first and last included
+        idx = np.unique(np.linspace(0, len(names) - 1, max_layers).round().astype(int))
+        names = [names[i] for i in idx]
+    inputs = _capture_layer_inputs(ref, feed, group, names)
+    plan = ExportPlan(opset=manifest["onnx"]["opset"], scale_mode="merged", group=group,
+                      acts=plan_acts(q, native_a4=False))  # fmt: skip
+    layers = q.layers()
+    out = []
+    for n in names:
+        x = inputs.get(n)
+        if x is None:
+            continue
+        with q.ctx.select(group), q.mode(QuantMode.FULL):
+            model = _export_module(_LayerCall(layers[n]), (x,), ["x"], QdqEmitter(q, plan), plan.opset)
+            with torch.no_grad():
+                want = layers[n](x).numpy()
+        got = _ort_run(model, {"x": x.numpy()})[0]
+        st = error_stats(got, want)
+        limit = tol * max(1.0, float(want.std()))
+        out.append({"layer": n, "max_abs": st["max_abs"], "limit": limit, "pass": st["max_abs"] <= limit})
+    return out
+
+
+def layer_scope(name: str) -> str:
+    """The TorchScript exporter's scope of module ``name``: down_blocks.0.resnets.0.conv1 -> /unet/down_blocks.0/resnets.0/conv1."""
+    parts: list[str] = []
+    for tok in name.split("."):
+        if tok.isdigit() and parts:
+            parts[-1] += f".{tok}"
+        else:
+            parts.append(tok)
+    return "/unet/" + "/".join(parts)
+
+
+def layer_output_tensors(model: onnx.ModelProto, layer_names: list[str]) -> dict[str, str]:
+    """Layer name -> the ONNX tensor holding its output (the last node of its scope, quantizers excluded)."""
+    last: dict[str, str] = {}
+    scopes = {layer_scope(n) + "/": n for n in layer_names}
+    for node in model.graph.node:
+        for scope, name in scopes.items():
+            if node.name.startswith(scope) and not node.name.startswith(
+                (scope + "input_quantizer", scope + "weight_quantizer")
+            ):
+                last[name] = node.output[0]
+    return last
+
+
+def layer_outputs_ort(graph_path, feed: dict) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Outputs of every quantized layer from ONNX Runtime (optimisations off), in graph order."""
+    model = onnx.load(str(graph_path))
+    layer_names = sorted({n.name.split("/")[0].rsplit(".", 1)[0] for n in model.graph.node
+                          if n.name.endswith("weight_quantizer/DequantizeLinear")})  # fmt: skip
+    tensors = layer_output_tensors(model, layer_names)
+    order = [n for n in _graph_order(model, tensors)]
+    existing = {o.name for o in model.graph.output}
+    for name in order:
+        if tensors[name] not in existing:
+            model.graph.output.add(name=tensors[name])
+    del model.graph.value_info[:]
+    outs = _ort_run(model, feed)
+    by_tensor = {o.name: v for o, v in zip(model.graph.output, outs)}
+    return {n: by_tensor[tensors[n]] for n in order}, order
+
+
+def _graph_order(model: onnx.ModelProto, tensors: dict[str, str]) -> list[str]:
+    pos = {}
+    for i, node in enumerate(model.graph.node):
+        for o in node.output:
+            pos[o] = i
+    return sorted(tensors, key=lambda n: pos.get(tensors[n], 0))
+
+
+def layer_outputs_torch(ref, feed: dict, group: int) -> dict[str, np.ndarray]:
+    """Outputs of every quantized layer of the fake-quant model on ``feed`` (forward hooks)."""
+    q = ref.qunet
+    got: dict[str, np.ndarray] = {}
+
+    def make(name):
+        def hook(mod, args, output):  # returns None: the output passes unchanged
+            got.setdefault(name, output.detach().numpy())
+
+        return hook
+
+    hooks = [m.register_forward_hook(make(n)) for n, m in q.layers().items()]
+    x, t, c = _torch_feed(feed, "cpu")
+    try:
+        with torch.no_grad(), q.ctx.select(group), q.mode(QuantMode.FULL):
+            _call(q.unet.to("cpu"), x, t.long(), c)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
