@@ -1,0 +1,319 @@
+"""``quest-export``: parse options, build a Recipe through ``pipeline.resolve_recipe``, call the pipeline.
+
+Errors a user can fix print one line (exit 2; exit 3 for a failed verification); ``--debug``
+adds the traceback. Anything else keeps its traceback, because it is a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from quest_export import pipeline
+
+STAGE_DONE = {"calibrate": "calibration set", "quantize": "quantized model", "export": "ONNX export",
+              "build": "engine / bundle", "verify": "verification"}  # fmt: skip
+
+
+def _fail(e: Exception, debug: bool) -> None:
+    from quest_export.errors import QuestExportError
+
+    if debug or not isinstance(e, QuestExportError):
+        raise e
+    click.echo(f"error: {e}", err=True)
+    sys.exit(e.exit_code)
+
+
+def guarded(fn):
+    """Run a command, turning QuestExportError into one line and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = (ctx.obj or {}).get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a QuestExportError
+            _fail(e, debug)
+
+    return wrapper
+
+
+def recipe_options(fn):
+    """--model --cond --bits --preset --method --target --recipe --set --device --dump-recipe."""
+    opts = [
+        click.option("--model", default=None, help="bundled model (fmnist-cond, fmnist-uncond) or a diffusers folder"),
+        click.option(
+            "--cond", default=None, help="safetensors of encoder_hidden_states rows (any UNet2DConditionModel)"
+        ),
+        click.option("--bits", default=None, help="precision preset: w8a8 | w4a8 | w4a4"),
+        click.option("--preset", default=None, help="effort preset: fast | paper"),
+        click.option("--method", default=None, help="ptq | qdiffusion | quest | dmq"),
+        click.option("--target", default=None, help="target profile id (engines/targets), or 'jetson'"),
+        click.option("--recipe", "recipe_file", default=None, help="recipe JSON file (see --dump-recipe)"),
+        click.option("--set", "sets", multiple=True, help="override a recipe field: --set quant.a_bits=4"),
+        click.option("--device", default=None, help="auto | cpu | cuda"),
+        click.option("--dump-recipe", is_flag=True, help="print the resolved recipe as JSON and exit"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _recipe(opts: dict):
+    r = pipeline.resolve_recipe(model=opts.pop("model"), cond=opts.pop("cond"), bits=opts.pop("bits"),
+                                preset=opts.pop("preset"), method=opts.pop("method"), target=opts.pop("target"),
+                                recipe=opts.pop("recipe_file"), sets=opts.pop("sets"), device=opts.pop("device"))  # fmt: skip
+    if opts.pop("dump_recipe"):
+        click.echo(r.to_json(indent=2))
+        sys.exit(0)
+    return r
+
+
+def _print_stage(res) -> None:
+    how = "reused" if res.reused else f"done in {res.seconds:.1f}s"
+    click.echo(f"[{res.name}] {STAGE_DONE[res.name]}: {res.path} ({how})", err=True)
+
+
+def _summary(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="quest-export run")
+    for col in ("stage", "artifact", "status", "seconds"):
+        t.add_column(col)
+    for s in summary.stages:
+        status = "reused" if s.reused else "built"
+        if s.name == "verify" and s.detail:
+            status = "PASSED" if s.detail.get("passed") else "FAILED"
+        t.add_row(s.name, str(s.path), status, f"{s.seconds:.1f}")
+    Console(stderr=False).print(t)
+    if summary.verify:
+        click.echo(pipeline.format_verify(summary.verify))
+    exp = summary.stage("export")
+    if exp and exp.detail.get("precision"):
+        click.echo(f"precision: {exp.detail['precision']['mode']} ({exp.detail['precision']['note']})")
+    b = summary.stage("build")
+    if b and b.detail.get("engine"):
+        click.echo(f"TensorRT engine: {b.detail['engine']}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--debug", is_flag=True, help="show tracebacks of user errors")
+@click.version_option(package_name="quest-export")
+@click.pass_context
+def main(ctx, quiet: bool, debug: bool) -> None:
+    """QuEST quantization of diffusers UNets, QDQ ONNX export, TensorRT / ONNX Runtime engines, verification."""
+    ctx.obj = {"quiet": quiet, "debug": debug}
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    for noisy in ("diffusers", "torch", "polygraphy", "onnxscript", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from quest_export.log import set_quiet
+
+    set_quiet(quiet)
+
+
+def _run(stage: str, opts: dict, **kw):
+    ctx = click.get_current_context()
+    recipe = _recipe(opts)
+    summary = pipeline.run(recipe, stages=(stage,), show_progress=not ctx.obj["quiet"], on_stage=_print_stage, **kw)
+    return summary
+
+
+@main.command()
+@click.argument("model_arg", required=False, metavar="[MODEL]")
+@recipe_options
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@guarded
+def info(model_arg, as_json, **opts):
+    """The quantizable layers of MODEL (default: the bundled default model) and the recipe's bits for each."""
+    if model_arg:
+        opts["model"] = model_arg
+    data = pipeline.info(_recipe(opts))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = data["plan"]
+    t = Table(title=f"{data['model']}: {data['class']} ({data['family']}), {data['parameters'] / 1e6:.2f}M parameters")
+    for col in ("layer", "kind", "weight shape", "w bits", "a bits", "notes"):
+        t.add_column(col)
+    for s in plan["layers"]:
+        notes = []
+        if s["split_at"]:
+            notes.append(f"split shortcut at {s['split_at']}")
+        if s["shared_input"]:
+            notes.append(f"input: {s['shared_input'].rsplit('.', 1)[-1]} (shared)")
+        if s["role"] not in ("other",):
+            notes.append(s["role"])
+        t.add_row(s["name"], s["kind"], "x".join(map(str, s["shape"])), str(s["w_bits"] or "fp"),
+                  str(s["a_bits"] or "-"), ", ".join(notes))  # fmt: skip
+    Console().print(t)
+    att = plan["attention"]
+    q = sum(1 for a in att if a["qkv_bits"])
+    click.echo(f"{len(plan['layers'])} quantized layers; {len(att)} attention modules ({q} with quantized Q/K/V/P); "
+               f"{plan['groups']} timestep group(s)")  # fmt: skip
+
+
+@main.command()
+@recipe_options
+@guarded
+def calibrate(**opts):
+    """Record the float model's UNet inputs along its own sampling trajectories (calib/cache/)."""
+    _run("calibrate", opts)
+
+
+@main.command()
+@recipe_options
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
+@click.option("--force", multiple=True, help="redo a stage even if a finished one matches (calibrate, quantize)")
+@guarded
+def quantize(resume, force, **opts):
+    """Quantize with --method ptq | qdiffusion | quest (calibrating first if needed)."""
+    _run("quantize", opts, resume=resume, force=tuple(force))
+
+
+@main.command()
+@click.argument("run_dir", required=False, metavar="[RUN_DIR]")
+@recipe_options
+@click.option("--out", default=None, help="output folder (with RUN_DIR: required)")
+@guarded
+def export(run_dir, out, **opts):
+    """Export a quantized artifact (RUN_DIR) or the recipe's run to QDQ ONNX for --target, checked by lint."""
+    recipe = _recipe(opts)
+    if run_dir:
+        if not out:
+            raise click.UsageError("export RUN_DIR needs --out DIR")
+        m = pipeline.export_artifact(run_dir, recipe, out=out)
+        click.echo(f"wrote {out}: {m['precision']['mode']} for {m['target']['id']} ({m['precision']['note']}); "
+                   f"opset {m['onnx']['opset']}, {m['scale_mode']}")  # fmt: skip
+        return
+    ctx = click.get_current_context()
+    pipeline.run(recipe, stages=("export",), show_progress=not ctx.obj["quiet"], on_stage=_print_stage)
+
+
+@main.command()
+@recipe_options
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="default: the target's runtime")
+@click.option(
+    "--out", default=None, help="engine / bundle folder (default engines/out/<model>-<method>-<bits>-<target>)"
+)
+@click.option("--from", "from_bundle", default=None, help="on the device: build the engine of this bundle")
+@click.option("--resume", is_flag=True, help="continue an interrupted quantization")
+@click.option("--force", multiple=True, help="redo these stages (calibrate, quantize, export, build, all)")
+@click.option("--allow-experimental", is_flag=True, help="build cells not yet verified on hardware (with --from)")
+@guarded
+def build(backend, out, from_bundle, resume, force, allow_experimental, **opts):
+    """The main job: calibrate -> quantize -> export -> build -> verify, reusing finished stages.
+
+    With no --model, the bundled default model; `quest-export build --target jetson` ends with a bundle
+    that builds its TensorRT engine on the Jetson.
+    """
+    if from_bundle:
+        sys.exit(pipeline.build_from_bundle(from_bundle, out=out, allow_experimental=allow_experimental))
+    if backend:
+        opts["sets"] = tuple(opts["sets"])
+    recipe = _recipe(opts)
+    if backend == "trt" and not recipe.target.is_tensorrt:
+        raise click.UsageError(f"--backend trt needs a TensorRT target; '{recipe.target.id}' runs ONNX Runtime")
+    if backend == "ort" and recipe.target.is_tensorrt:
+        click.echo(f"note: --backend ort checks the '{recipe.target.id}' graph with ONNX Runtime (the numerical "
+                   "stand-in); the TensorRT engine is still built on the device from the bundle", err=True)  # fmt: skip
+    ctx = click.get_current_context()
+    summary = pipeline.run(recipe, out=out, resume=resume, force=tuple(force), show_progress=not ctx.obj["quiet"],
+                           on_stage=_print_stage)  # fmt: skip
+    _summary(summary)
+    if summary.verify and not summary.verify.get("passed"):
+        sys.exit(3)
+
+
+@main.command()
+@click.argument("path", metavar="DIR")
+@click.option("--quantized", default=None, help="fake-quant artifact (default: the one recorded in the manifest)")
+@click.option("--backend", type=click.Choice(["ort", "trt", "auto"]), default=None)
+@click.option("--device", default="cpu")
+@guarded
+def verify(path, quantized, backend, device):
+    """Check an export, ORT build, bundle or engine folder against its fake-quant references (exit 3 on failure)."""
+    rep = pipeline.verify(path, quantized=quantized, backend=backend, device=device)
+    click.echo(pipeline.format_verify(rep))
+    if not rep["passed"]:
+        sys.exit(3)
+
+
+@main.command()
+@click.argument("path", required=False, metavar="[DIR]")
+@recipe_options
+@click.option("--n", "n", default=16, show_default=True, help="number of images")
+@click.option("--out", default="grid.png", show_default=True, help="PNG grid")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=None, type=int, help="sampler steps (default: the model's)")
+@click.option("--backend", type=click.Choice(["ort", "trt", "auto"]), default=None)
+@guarded
+def sample(path, n, out, seed, steps, backend, **opts):
+    """Sample the float model (--model) with torch, or an export/bundle/engine DIR with the torch-free runtime."""
+    if path:
+        p = pipeline.sample_artifact(path, n=n, out=out, seed=seed, backend=backend, steps=steps)
+    else:
+        p = pipeline.sample_float(_recipe(opts), n=n, out=out, seed=seed, steps=steps)
+    click.echo(f"wrote {p}")
+
+
+@main.command(name="eval")
+@recipe_options
+@click.option("--n", "n", default=1000, show_default=True, help="number of samples")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quantized", default=None, help="evaluate a quantized artifact instead of the float model")
+@click.option("--guidance", default=None, type=float, help="guidance scale (default: the model's)")
+@click.option("--steps", default=None, type=int, help="sampler steps (default: the model's)")
+@click.option("--grid", default=None, help="also write the first 100 samples as a PNG grid")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def eval_(n, seed, quantized, guidance, steps, grid, as_json, **opts):
+    """FD (classifier features vs the Fashion-MNIST test set) and class agreement of n samples."""
+    rep = pipeline.evaluate(_recipe(opts), n=n, seed=seed, quantized=quantized, guidance=guidance, steps=steps,
+                            grid=grid)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    agree = "n/a (unconditional)" if rep["class_agreement"] is None else f"{100 * rep['class_agreement']:.1f}%"
+    s = rep["sampler"]
+    click.echo(f"{rep['model']}{' (quantized: ' + rep['quantized'] + ')' if rep['quantized'] else ''}: "
+               f"FD {rep['fd']:.2f}, class agreement {agree}  [{rep['n']} samples, seed {rep['seed']}, "
+               f"{s['sampler']} {s['steps']} steps, eta {s['eta']}, guidance {s['guidance_scale']}, {rep['device']}, "
+               f"{rep['seconds']:.0f}s]")  # fmt: skip
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.onnx")
+@click.option("--target", required=True, help="target profile id or 'jetson'")
+@click.option("--layers", default=None, help="manifest.json (or JSON list) with the quantized layers")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def lint(model_path, target, layers, as_json):
+    """Check an ONNX graph against a target's rules; exit 2 on any error."""
+    rep = pipeline.lint(model_path, target, layers=layers)
+    click.echo(json.dumps(rep["json"], indent=2) if as_json else rep["text"])
+    if not rep["ok"]:
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("path", metavar="DIR")
+@click.option("--out", default=None, help="Markdown file (default DIR/report.md)")
+@guarded
+def report(path, out):
+    """Summarise a build folder (manifest, precision, fusion audit, verify.json) as Markdown."""
+    p = pipeline.write_report(path, out=out)
+    click.echo(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

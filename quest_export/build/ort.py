@@ -1,0 +1,131 @@
+"""ONNX Runtime "engine" for the cpu target (and gpu-ort): an optimised model plus the session options
+the runtime must use, with a fusion audit (deploy.md section 4). Never imports torch.
+
+    out/
+      model.opt.onnx            the graph optimised at ``level`` (portable up to EXTENDED, O-6); per-group
+                                exports keep their graphs and shared weights file instead (O-7)
+      session.json              optimization level, disabled optimizers (O-4), MatMulNBits accuracy (O-5)
+      conditioning.safetensors, reference/   copied from the export
+      manifest.json             stage build-ort: the export's keys + session + fusion audit
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from quest_export.errors import ArtifactError, TargetError
+from quest_export.recipe.config import TargetProfile
+from quest_export.recipe.manifest import atomic_dir, read_manifest, verify_files, write_manifest
+from quest_export.runtime.session import ORT_DISABLED_OPTIMIZERS, ORT_SESSION_CONFIG
+
+log = logging.getLogger(__name__)
+LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+          "all": "ORT_ENABLE_ALL"}  # fmt: skip
+DISABLED_OPTIMIZERS = list(ORT_DISABLED_OPTIMIZERS)  # O-4: breaks opset-21 Q/DQ graphs at EXTENDED/ALL
+SESSION_CONFIG = dict(ORT_SESSION_CONFIG)  # O-5: exact MatMulNBits
+
+
+def _session_options(ort, level: str, optimized_path: Path | None = None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    for k, v in SESSION_CONFIG.items():
+        so.add_session_config_entry(k, v)
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+def _counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    out: dict[str, int] = {}
+    for n in m.graph.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def optimize_graph(src: Path, dst: Path | None, *, level: str, providers: list[str]) -> dict[str, int]:
+    """Let ONNX Runtime optimise ``src`` at ``level``; write the result to ``dst`` (or a temp file) and count ops."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as td:
+        path = dst or Path(td) / "opt.onnx"
+        so = _session_options(ort, level, path)
+        try:
+            ort.InferenceSession(str(src), so, providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ArtifactError(
+                f"ONNX Runtime cannot load {src.name} at level {level}: {str(e).splitlines()[0]}"
+            ) from e
+        return _counts(path)
+
+
+def _fused(counts: dict[str, int]) -> dict[str, int]:
+    keys = ("QLinearConv", "QLinearMatMul", "com.microsoft.QGemm", "com.microsoft.MatMulIntegerToFloat",
+            "com.microsoft.MatMulNBits", "com.microsoft.QLinearConv", "DequantizeLinear", "QuantizeLinear")  # fmt: skip
+    return {k: counts[k] for k in keys if k in counts}
+
+
+def ort_engine_from_export(export_dir: str | Path, *, out: str | Path, target: TargetProfile, level: str = "extended",
+                           providers: list[str] | None = None) -> dict:  # fmt: skip
+    """Build the ONNX Runtime artifact from an export folder. Returns the fusion audit.
+
+    Raises:
+        TargetError: the export was made for another target or a TensorRT target.
+        ArtifactError: the export folder fails its manifest check or ORT cannot load a graph.
+    """
+    export_dir, out = Path(export_dir), Path(out)
+    if level not in LEVELS or level == "all":
+        raise TargetError(f"ORT level {level!r} cannot be shipped; use disable, basic or extended ('all' writes "
+                          "CPU-specific NCHWc kernels and is used for the audit only, deploy.md O-6)")  # fmt: skip
+    manifest = read_manifest(export_dir, stage="export")
+    verify_files(export_dir, manifest)
+    if manifest["target"]["id"] != target.id or target.is_tensorrt:
+        raise TargetError(f"{export_dir} was exported for '{manifest['target']['id']}'; the ONNX Runtime builder "
+                          f"takes exports for ONNX Runtime targets (got target '{target.id}')")  # fmt: skip
+    providers = providers or ["CPUExecutionProvider"]
+    graphs = manifest["graphs"]
+    per_group = len(graphs) > 1
+    audit: dict = {"level": level, "graphs": {}}
+    with atomic_dir(out) as tmp:
+        for rel in manifest["files"]:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(export_dir / rel, dst)
+        new_graphs = []
+        for g in graphs:
+            src = tmp / g["file"]
+            before = _counts(src)
+            if per_group:  # keep the shared weights file: optimised copies would each embed the weights (O-7)
+                shipped = optimize_graph(src, None, level=level, providers=providers)
+                new_graphs.append(g)
+            else:
+                dst = tmp / "model.opt.onnx"
+                shipped = optimize_graph(src, dst, level=level, providers=providers)
+                (tmp / g["file"]).unlink()
+                new_graphs.append({**g, "file": dst.name})
+            full = optimize_graph(tmp / new_graphs[-1]["file"] if not per_group else src, None, level="all",
+                                  providers=providers)  # fmt: skip
+            audit["graphs"][g["file"]] = {
+                "before": _fused(before),
+                level: _fused(shipped),
+                "all (audit only)": _fused(full),
+            }
+        session = {"graph_optimization_level": LEVELS[level], "disabled_optimizers": DISABLED_OPTIMIZERS,
+                   "config": SESSION_CONFIG, "providers": providers,
+                   "optimized": not per_group}  # fmt: skip
+        (tmp / "session.json").write_text(json.dumps(session, indent=2) + "\n")
+        keep = {k: v for k, v in manifest.items() if k not in ("schema", "stage", "files", "versions", "created", "inputs",
+                                                                  "config", "recipe_fingerprint")}  # fmt: skip
+        keep["graphs"] = new_graphs
+        write_manifest(tmp, stage="build-ort", recipe_fingerprint=manifest.get("recipe_fingerprint"),
+                       config={"level": level, "providers": providers},
+                       inputs={"export": manifest.get("stage_key") or manifest.get("recipe_fingerprint") or ""},
+                       extra={**keep, "session": session, "fusion": audit})  # fmt: skip
+    return audit

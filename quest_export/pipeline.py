@@ -1,0 +1,515 @@
+"""The only module that knows the order of the stages and the rule for reusing finished ones.
+
+    calibrate -> quantize (ptq | qdiffusion | quest) -> export -> build -> verify
+
+Each stage takes its inputs and its own sub-config and writes an artifact folder atomically.
+A stage is reused when its cache key matches: the key hashes the stage's sub-configs, the keys
+of the stages before it and the quest_export version. Stages are imported lazily, so that
+``import quest_export.pipeline`` (the CLI) stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from quest_export import __version__
+from quest_export.errors import ArtifactError, InputError
+from quest_export.recipe.config import Recipe, to_jsonable
+from quest_export.recipe.presets import (
+    PAPER_B_EPOCHS,
+    default_adaround,
+    default_groups,
+    default_split_shortcut,
+    default_weight_init,
+)
+from quest_export.recipe.resolve import build_recipe, merge_layers, parse_set
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+ALL = ("calibrate", "quantize", "export", "build", "verify")
+
+
+def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: str | None = None,
+                   preset: str | None = None, method: str | None = None, target: str | None = None,
+                   recipe: str | None = None, sets: tuple[str, ...] | list[str] = (), device: str | None = None) -> Recipe:  # fmt: skip
+    """Merge defaults, presets, the target profile, a recipe file and overrides; fill model defaults.
+
+    ``None`` means "not given". Model-dependent defaults (sampler, family, timestep groups) are
+    read from the model folder's metadata, without loading weights.
+    """
+    from quest_export.models.loading import resolve_model
+
+    shortcuts: dict = {}
+    if model is not None or cond is not None:
+        shortcuts["model"] = {k: v for k, v in (("name", model), ("cond", cond)) if v is not None}
+    if method is not None:
+        shortcuts["quant"] = {"method": method}
+    if device is not None:
+        shortcuts["device"] = device
+    data = merge_layers(bits=bits, effort=preset, target=target, recipe_file=recipe, shortcuts=shortcuts, sets=sets)
+    user = {}  # what the user set explicitly (recipe file and --set), to respect it below
+    if recipe is not None:
+        from quest_export.recipe.resolve import load_recipe_file
+
+        user = load_recipe_file(recipe)
+    for s in sets:
+        user = _merge(user, parse_set(s))
+    info = resolve_model(data["model"]["name"], cond=data["model"].get("cond"))
+    data["model"]["family"] = data["model"].get("family") or info.family
+    for k, v in info.sampling.items():
+        if data["sampler"].get(k) is None:
+            data["sampler"][k] = v
+    q, effort = data["quant"], data["finetune"]["preset"] if data.get("finetune") else "fast"
+    if q.get("timestep_groups") is None:
+        q["timestep_groups"] = default_groups(q["method"], effort, data["sampler"]["steps"])
+    if q.get("split_shortcut") is None:
+        q["split_shortcut"] = default_split_shortcut(q["method"])
+    if data["ptq"].get("weight_init") is None:
+        data["ptq"]["weight_init"] = default_weight_init(q["method"])
+    if data["ptq"].get("adaround") is None:
+        data["ptq"]["adaround"] = default_adaround(q["method"])
+    if effort == "paper" and "b_epochs" not in user.get("finetune", {}):
+        data["finetune"]["b_epochs"] = PAPER_B_EPOCHS.get(data["model"]["family"], 300)
+    return build_recipe(data)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    from quest_export.recipe.resolve import deep_merge
+
+    return deep_merge(a, b)
+
+
+def _key(*parts) -> str:
+    payload = json.dumps([__version__, *[to_jsonable(p) for p in parts]], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def stage_keys(recipe: Recipe, model_hash: str) -> dict[str, str]:
+    """Cache keys of every stage; device and verify thresholds are not part of them."""
+    calib = _key("calibrate", model_hash, recipe.model, recipe.sampler, recipe.calib)
+    finetune = recipe.finetune if recipe.quant.method == "quest" else None
+    quant = _key("quantize", calib, recipe.quant, recipe.ptq, finetune)
+    export = _key("export", quant, recipe.export, recipe.target)
+    build = _key("build", export, recipe.target)
+    return {"calibrate": calib, "quantize": quant, "export": export, "build": build}
+
+
+@dataclass
+class StageResult:
+    name: str
+    path: Path | None
+    reused: bool
+    seconds: float
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    recipe: Recipe
+    stages: list[StageResult] = field(default_factory=list)
+    verify: dict | None = None
+
+    def stage(self, name: str) -> StageResult | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+
+def resolve_device(recipe: Recipe) -> str:
+    if recipe.device != "auto":
+        if recipe.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InputError("device=cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+        return recipe.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Run:
+    """State shared by the stages of one run (paths, keys, the float model once loaded)."""
+
+    def __init__(self, recipe: Recipe, *, work: Path | None, out: Path | None, force: tuple[str, ...], resume: bool,
+                 show_progress: bool) -> None:  # fmt: skip
+        from quest_export.models.loading import resolve_model, source_hash
+
+        self.recipe, self.force, self.resume, self.show = recipe, set(force), resume, show_progress
+        self.work = Path(work) if work else ROOT
+        self.info = resolve_model(recipe.model.name, cond=recipe.model.cond)
+        self.keys = stage_keys(recipe, source_hash(self.info))
+        self.device = resolve_device(recipe)
+        q = recipe.quant
+        self.tag = f"{Path(recipe.model.name).name}-{q.method}-{q.name}"
+        self.out = Path(out) if out else self.work / "engines" / "out" / f"{self.tag}-{recipe.target.id}"
+        self._model = None
+
+    def model(self):
+        if self._model is None:
+            from quest_export.models import load_model
+
+            self._model = load_model(self.recipe.model.name, cond=self.recipe.model.cond, device=self.device)
+        return self._model
+
+    def reusable(self, stage: str, path: Path) -> bool:
+        if stage in self.force or "all" in self.force or not (path / "manifest.json").is_file():
+            return False
+        from quest_export.recipe.manifest import read_manifest, verify_files
+
+        try:
+            m = read_manifest(path)
+            verify_files(path, m)
+        except ArtifactError as e:
+            log.warning("not reusing %s: %s", path, e)
+            return False
+        return m.get("stage_key") == self.keys[stage]
+
+
+def _stamp(path: Path, key: str) -> None:
+    """Record the stage key inside an artifact's manifest (after the atomic write)."""
+    from quest_export.recipe.manifest import write_json_atomic
+
+    m = json.loads((path / "manifest.json").read_text())
+    m["stage_key"] = key
+    write_json_atomic(path / "manifest.json", m)
+
+
+def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None = None, work: str | Path | None = None,
+        force: tuple[str, ...] = (), resume: bool = False, show_progress: bool = True,
+        on_stage=None) -> RunSummary:  # fmt: skip
+    """Run ``stages`` in order, reusing finished ones. ``on_stage(result)`` is called after each."""
+    r = _Run(recipe, work=Path(work) if work else None, out=Path(out) if out else None, force=force, resume=resume,
+             show_progress=show_progress)  # fmt: skip
+    summary = RunSummary(recipe=recipe)
+    needed = _needed(stages)
+    paths: dict[str, Path] = {}
+    for name in ALL:
+        if name not in needed:
+            continue
+        t0 = time.time()
+        fn = {"calibrate": _calibrate, "quantize": _quantize, "export": _export, "build": _build, "verify": _verify}[
+            name
+        ]
+        path, reused, detail = fn(r, paths)
+        paths[name] = path
+        res = StageResult(name=name, path=path, reused=reused, seconds=round(time.time() - t0, 1), detail=detail)
+        summary.stages.append(res)
+        if name == "verify":
+            summary.verify = detail
+        if on_stage is not None:
+            on_stage(res)
+    return summary
+
+
+def _needed(stages) -> list[str]:
+    last = max(ALL.index(s) for s in stages)
+    return list(ALL[: last + 1])
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+
+def _calibrate(r: _Run, paths):
+    from quest_export.calib.collect import collect
+    from quest_export.models.sampling import SamplerSpec
+
+    path = r.work / "calib" / "cache" / f"{Path(r.recipe.model.name).name}-{r.keys['calibrate']}"
+    if r.reusable("calibrate", path):
+        return path, True, {}
+    s = r.recipe.sampler
+    spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    cs = collect(r.model(), spec, trajectories=r.recipe.calib.samples_per_group, seed=r.recipe.calib.seed,
+                 device=r.device, show_progress=r.show)  # fmt: skip
+    cs.save(path, fingerprint=r.recipe.fingerprint())
+    _stamp(path, r.keys["calibrate"])
+    return path, False, {"rows": int(cs.x.shape[0])}
+
+
+def _quantize(r: _Run, paths):
+    import copy
+
+    from quest_export.calib.collect import CalibrationSet
+    from quest_export.quant.artifact import load_quantized, save_quantized
+
+    rec = r.recipe
+    path = r.work / "runs" / "quantize" / f"{r.tag}-{r.keys['quantize']}"
+    if r.reusable("quantize", path):
+        return path, True, {}
+    calib = CalibrationSet.load(paths["calibrate"])
+    work = path.with_name(path.name + ".work")
+    if work.exists() and not r.resume:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stage_a = work / "stage_a"
+    model = r.model()
+    teacher = copy.deepcopy(model.unet) if rec.quant.method == "quest" else None  # frozen float teacher
+    report: dict = {}
+    model_ref = {"name": rec.model.name, "cond": rec.model.cond, "hash": model.source_hash}
+    sampler = to_jsonable(rec.sampler)
+    if r.resume and (stage_a / "manifest.json").is_file():
+        log.info("resuming: stage A from %s", stage_a)
+        art = load_quantized(stage_a, device=r.device, model=model)
+        qunet = art.qunet
+        report["stage_a"] = art.meta.get("report", {}).get("stage_a", {})
+        r._model = None  # its UNet is quantized now
+    else:
+        from quest_export.ptq.stage_a import run_stage_a
+
+        qunet, rep = run_stage_a(model, calib, rec.quant, rec.ptq, groups=rec.quant.timestep_groups, device=r.device,
+                                 seed=rec.calib.seed, pooled=rec.calib.group_pooled, show_progress=r.show)  # fmt: skip
+        r._model = None
+        report["stage_a"] = {"eps_mse": rep.eps_mse, "adaround": rep.adaround, "units": rep.units}
+        if rec.quant.method == "quest":
+            save_quantized(qunet, stage_a, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=model_ref,
+                           sampler=sampler, stage="stage-a", extra={"report": report})  # fmt: skip
+    if rec.quant.method == "quest" and rec.finetune is not None:
+        from quest_export.finetune import finetune_
+        from quest_export.ptq.stage_a import eps_mse_per_group
+
+        fr = finetune_(qunet, teacher, calib, rec.finetune, family=rec.model.family, device=r.device, ckpt_dir=work,
+                       resume=r.resume, pooled=rec.calib.group_pooled, show_progress=r.show)  # fmt: skip
+        report["finetune"] = to_jsonable(fr.__dict__)
+        report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, calib, device=r.device)
+    elif rec.quant.method == "dmq":
+        from quest_export.errors import NotBuiltError
+
+        raise NotBuiltError("method 'dmq' (LES + PTS) is not built yet; use --method ptq, qdiffusion or quest")
+    qunet.unet.to("cpu")
+    save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=model_ref,
+                   sampler=sampler, config={"quant": to_jsonable(rec.quant), "ptq": to_jsonable(rec.ptq),
+                                            "finetune": to_jsonable(rec.finetune) if rec.quant.method == "quest" else None},
+                   extra={"report": report, "calibration": str(paths["calibrate"])})  # fmt: skip
+    _stamp(path, r.keys["quantize"])
+    shutil.rmtree(work, ignore_errors=True)
+    return path, False, report
+
+
+def _export(r: _Run, paths):
+    from quest_export.calib.collect import CalibrationSet
+    from quest_export.export.exporter import onnx_from_artifact
+
+    path = r.work / "runs" / "export" / f"{r.tag}-{r.recipe.target.id}-{r.keys['export']}"
+    if r.reusable("export", path):
+        return path, True, {}
+    calib = CalibrationSet.load(paths["calibrate"])
+    res = onnx_from_artifact(paths["quantize"], target=r.recipe.target, cfg=r.recipe.export, out=path, calib=calib,
+                             recipe_fingerprint=r.recipe.fingerprint(), scheduler_config=r.info.scheduler_config)  # fmt: skip
+    _stamp(path, r.keys["export"])
+    return path, False, {"precision": res.manifest["precision"], "onnx": res.manifest["onnx"]}
+
+
+def _build(r: _Run, paths):
+    out = r.out
+    if (out / "manifest.json").is_file():
+        m = json.loads((out / "manifest.json").read_text())
+        if m.get("stage_key") not in (None, r.keys["build"]) and "build" not in r.force:
+            raise ArtifactError(f"{out} holds a build of another recipe ({m.get('recipe_fingerprint', '?')[:12]}); "
+                                "choose another --out, remove the folder, or pass --force build")  # fmt: skip
+        if r.reusable("build", out):
+            return out, True, {"kind": m.get("stage")}
+    target = r.recipe.target
+    if target.is_tensorrt:
+        from quest_export.build.bundle import bundle_from_export
+        from quest_export.build.trt import plan_build
+
+        exp = json.loads((paths["export"] / "manifest.json").read_text())
+        plan = plan_build(target, exp["io"], precision=exp.get("precision"))
+        bundle_from_export(paths["export"], out=out, target=target, plan=plan)
+        kind = "bundle"
+        detail = {"kind": kind, "engine": _maybe_build_engine(r, out)}
+    else:
+        from quest_export.build.ort import ort_engine_from_export
+
+        rep = ort_engine_from_export(paths["export"], out=out, target=target)
+        detail = {"kind": "ort", "fusion": rep}
+    _stamp(out, r.keys["build"])
+    return out, False, detail
+
+
+def _maybe_build_engine(r: _Run, bundle: Path) -> str:
+    """Build the TensorRT engine in place when TensorRT is here and this GPU matches the profile."""
+    import importlib.util
+
+    target = r.recipe.target
+    if importlib.util.find_spec("tensorrt") is None:
+        return "not built: TensorRT is not installed here; run build.sh (or build_engine.py) on the device"
+    from quest_export.build.trt import engines_from_bundle, query_compute_capability
+
+    cc = query_compute_capability()
+    if cc not in target.compute_capability:
+        return f"not built: this GPU is SM {cc}, the target needs {', '.join(target.compute_capability)}"
+    engines_from_bundle(bundle, out_dir=bundle / "engine")
+    return "built in place"
+
+
+def _verify(r: _Run, paths):
+    from quest_export.verify.harness import verify_build
+
+    report = verify_build(paths["build"], recipe=r.recipe, quantized=paths["quantize"], calib=paths["calibrate"],
+                          device=r.device, show_progress=r.show)  # fmt: skip
+    return paths["build"], False, report
+
+
+__all__ = ["ALL", "RunSummary", "StageResult", "replace", "resolve_recipe", "run", "stage_keys"]
+
+
+# -- single verbs the CLI calls (each imports its stage lazily) ------------------------------------------
+
+
+def info(recipe: Recipe) -> dict:
+    """The quantizable layers of the recipe's model and the bits the recipe gives each (no weights changed)."""
+    from quest_export.models import load_model
+    from quest_export.quant.model import plan_quantization
+
+    model = load_model(recipe.model.name, cond=recipe.model.cond)
+    plan = plan_quantization(model.unet, recipe.quant, groups=recipe.quant.timestep_groups)
+    params = sum(p.numel() for p in model.unet.parameters())
+    return {"model": model.name, "class": model.info.class_name, "family": model.family, "parameters": params,
+            "sample_shape": model.sample_shape, "sampler": model.info.sampling, "plan": plan.to_dict(),
+            "conditioning": None if model.conditioning is None else
+            {"rows": int(model.conditioning.table.shape[0]), "uncond_index": model.conditioning.uncond_index,
+             "source": model.conditioning.source}}  # fmt: skip
+
+
+def export_artifact(artifact: str | Path, recipe: Recipe, *, out: str | Path) -> dict:
+    """Export an existing quantized artifact for ``recipe.target`` (its calibration set gives the references)."""
+    from quest_export.calib.collect import CalibrationSet
+    from quest_export.export.exporter import onnx_from_artifact
+    from quest_export.models.loading import resolve_model
+
+    meta = (
+        json.loads((Path(artifact) / "quant.json").read_text()) if (Path(artifact) / "quant.json").is_file() else None
+    )
+    if meta is None:
+        raise ArtifactError(
+            f"{artifact} is not a quantized-model artifact (no quant.json); run `quest-export quantize`"
+        )
+    calib_dir = meta.get("calibration")
+    if not calib_dir or not Path(calib_dir).is_dir():
+        raise ArtifactError(f"{artifact}: its calibration set ({calib_dir}) is gone; re-run `quest-export calibrate` "
+                            "with the same recipe")  # fmt: skip
+    info_ = resolve_model(meta["model"]["name"], cond=meta["model"].get("cond"))
+    res = onnx_from_artifact(artifact, target=recipe.target, cfg=recipe.export, out=out, calib=CalibrationSet.load(calib_dir),
+                             recipe_fingerprint=recipe.fingerprint(), scheduler_config=info_.scheduler_config)  # fmt: skip
+    return res.manifest
+
+
+def verify(path: str | Path, recipe: Recipe | None = None, *, quantized: str | None = None, backend: str | None = None,
+           device: str = "cpu") -> dict:  # fmt: skip
+    from quest_export.verify.harness import verify_build
+
+    return verify_build(path, recipe=recipe, quantized=quantized, backend=backend, device=device)
+
+
+def format_verify(report: dict) -> str:
+    from quest_export.verify.harness import format_table
+
+    return format_table(report)
+
+
+def lint(path: str | Path, target: str, *, layers: str | None = None) -> dict:
+    from quest_export.export.lint import lint_model
+    from quest_export.recipe.targets import load_target
+
+    recs = None
+    if layers:
+        data = json.loads(Path(layers).read_text())
+        recs = data.get("layers") if isinstance(data, dict) else data
+    rep = lint_model(path, load_target(target), quantized_layers=recs)
+    return {"ok": rep.ok, "text": rep.format_text(), "json": rep.to_dict()}
+
+
+def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, steps: int | None = None) -> Path:
+    """Sample the float model (torch) into a PNG grid."""
+    from dataclasses import replace as dc_replace
+
+    from quest_export.eval import generate
+    from quest_export.models import load_model
+    from quest_export.models.sampling import SamplerSpec
+    from quest_export.runtime.images import save_grid
+
+    s = recipe.sampler
+    spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    if steps:
+        spec = dc_replace(spec, steps=steps)
+    device = resolve_device(recipe)
+    model = load_model(recipe.model.name, cond=recipe.model.cond, device=device)
+    imgs, _ = generate(model.unet, model, spec, n=n, seed=seed, device=device)
+    return save_grid(imgs, out, nrow=10 if model.conditioning is not None else None)
+
+
+def sample_artifact(path: str | Path, *, n: int, out: str | Path, seed: int = 0, backend: str | None = None,
+                    steps: int | None = None, labels: list[str] | None = None) -> Path:  # fmt: skip
+    """Sample an export, ORT build, bundle or engine folder with the torch-free runtime into a PNG grid."""
+    from quest_export.runtime.pipeline import RuntimePipeline
+
+    with RuntimePipeline.from_artifact(path, backend=backend) as pipe:
+        imgs = pipe(class_labels=labels, num_images=n, seed=seed, steps=steps)
+    return pipe.save_grid(imgs, out)
+
+
+def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = None, grid: str | None = None,
+             guidance: float | None = None, steps: int | None = None, batch: int = 250,
+             merge_groups: bool = False) -> dict:  # fmt: skip
+    """FD and class agreement of the float model (or of a quantized artifact) on n samples.
+
+    ``merge_groups`` evaluates the quantized model with one merged scale set (the export's ``merged`` mode).
+    """
+    from dataclasses import replace as dc_replace
+
+    from quest_export.eval import evaluate as _evaluate
+    from quest_export.eval import is_fmnist
+    from quest_export.models import load_model
+    from quest_export.models.sampling import SamplerSpec
+
+    device = resolve_device(recipe)
+    s = recipe.sampler
+    spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    spec = dc_replace(spec, **{k: v for k, v in (("guidance_scale", guidance), ("steps", steps)) if v is not None})
+    if quantized:
+        from quest_export.quant.artifact import load_quantized
+        from quest_export.quant.model import QuantMode
+
+        art = load_quantized(quantized, device=device)
+        if merge_groups:
+            from quest_export.export.exporter import merge_groups_
+
+            merge_groups_(art.qunet)
+        model, unet = art.model, art.qunet.unet
+        ctx = art.qunet.mode(QuantMode.FULL)
+    else:
+        import contextlib
+
+        model = load_model(recipe.model.name, cond=recipe.model.cond, device=device)
+        unet, ctx = model.unet, contextlib.nullcontext()
+    if not is_fmnist(model):
+        raise InputError(f"eval scores Fashion-MNIST-shaped models (FD and class agreement use the bundled classifier); "
+                         f"'{model.name}' is not one")  # fmt: skip
+    with ctx:
+        rep, imgs = _evaluate(unet, model, spec, n=n, seed=seed, batch=batch, device=device)
+    if grid:
+        from quest_export.runtime.images import save_grid
+
+        save_grid(imgs[:100], grid, nrow=10)
+    return {**rep.to_dict(), "model": model.name, "quantized": quantized, "device": device, "merged": merge_groups}
+
+
+def build_from_bundle(bundle: str | Path, *, out: str | Path | None = None, allow_experimental: bool = False) -> int:
+    """On the device: build the TensorRT engine(s) of a bundle (``quest-export build --from BUNDLE``)."""
+    from quest_export.build.trt import main as trt_main
+
+    argv = (
+        [str(bundle)] + (["--out", str(out)] if out else []) + (["--allow-experimental"] if allow_experimental else [])
+    )
+    return trt_main(argv)
+
+
+def write_report(path: str | Path, *, out: str | Path | None = None) -> Path:
+    from quest_export.report import write_report as _write
+
+    return _write(path, out=out)
