@@ -20,9 +20,7 @@ STAGE_DONE = {"calibrate": "calibration set", "quantize": "quantized model", "ex
 
 
 def _fail(e: Exception, debug: bool) -> None:
-    from quest_export.errors import QuestExportError
-
-    if debug or not isinstance(e, QuestExportError):
+    if debug or not isinstance(e, pipeline.QuestExportError):
         raise e
     click.echo(f"error: {e}", err=True)
     sys.exit(e.exit_code)
@@ -113,9 +111,7 @@ def main(ctx, quiet: bool, debug: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     for noisy in ("diffusers", "torch", "polygraphy", "onnxscript", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from quest_export.log import set_quiet
-
-    set_quiet(quiet)
+    pipeline.set_quiet(quiet)
 
 
 def _run(stage: str, opts: dict, **kw):
@@ -218,8 +214,6 @@ def build(backend, out, from_bundle, resume, force, allow_experimental, **opts):
     """
     if from_bundle:
         sys.exit(pipeline.build_from_bundle(from_bundle, out=out, allow_experimental=allow_experimental))
-    if backend:
-        opts["sets"] = tuple(opts["sets"])
     recipe = _recipe(opts)
     if backend == "trt" and not recipe.target.is_tensorrt:
         raise click.UsageError(f"--backend trt needs a TensorRT target; '{recipe.target.id}' runs ONNX Runtime")
@@ -228,7 +222,7 @@ def build(backend, out, from_bundle, resume, force, allow_experimental, **opts):
                    "stand-in); the TensorRT engine is still built on the device from the bundle", err=True)  # fmt: skip
     ctx = click.get_current_context()
     summary = pipeline.run(recipe, out=out, resume=resume, force=tuple(force), show_progress=not ctx.obj["quiet"],
-                           on_stage=_print_stage)  # fmt: skip
+                           backend=backend, on_stage=_print_stage)  # fmt: skip
     _summary(summary)
     if summary.verify and not summary.verify.get("passed"):
         sys.exit(3)

@@ -65,9 +65,14 @@ def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: s
     for k, v in info.sampling.items():
         if data["sampler"].get(k) is None:
             data["sampler"][k] = v
-    q, effort = data["quant"], data["finetune"]["preset"] if data.get("finetune") else "fast"
+    q, effort = data["quant"], preset or (data["finetune"] or {}).get("preset") or "fast"
     if q.get("timestep_groups") is None:
         q["timestep_groups"] = default_groups(q["method"], effort, data["sampler"]["steps"])
+    if q["timestep_groups"] > data["sampler"]["steps"]:
+        from quest_export.errors import RecipeError
+
+        raise RecipeError(f"quant.timestep_groups={q['timestep_groups']} exceeds sampler.steps={data['sampler']['steps']}; "
+                          "every group needs at least one sampler step")  # fmt: skip
     if q.get("split_shortcut") is None:
         q["split_shortcut"] = default_split_shortcut(q["method"])
     if data["ptq"].get("weight_init") is None:
@@ -147,6 +152,7 @@ class _Run:
         q = recipe.quant
         self.tag = f"{Path(recipe.model.name).name}-{q.method}-{q.name}"
         self.out = Path(out) if out else self.work / "engines" / "out" / f"{self.tag}-{recipe.target.id}"
+        self.backend: str | None = None  # "trt": the engine must be built here
         self._model = None
 
     def model(self):
@@ -180,13 +186,23 @@ def _stamp(path: Path, key: str) -> None:
 
 
 def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None = None, work: str | Path | None = None,
-        force: tuple[str, ...] = (), resume: bool = False, show_progress: bool = True,
+        force: tuple[str, ...] = (), resume: bool = False, show_progress: bool = True, backend: str | None = None,
         on_stage=None) -> RunSummary:  # fmt: skip
-    """Run ``stages`` in order, reusing finished ones. ``on_stage(result)`` is called after each."""
+    """Run ``stages`` in order, reusing finished ones. ``on_stage(result)`` is called after each.
+
+    Args:
+        backend: None = the target's runtime (a TensorRT target gets a bundle, plus the engine where TensorRT
+            and a matching GPU are here); "trt" insists on the engine and fails where it cannot be built.
+    """
     r = _Run(recipe, work=Path(work) if work else None, out=Path(out) if out else None, force=force, resume=resume,
              show_progress=show_progress)  # fmt: skip
+    r.backend = backend
     summary = RunSummary(recipe=recipe)
     needed = _needed(stages)
+    if recipe.quant.method == "dmq" and "quantize" in needed:  # refuse before any work is done
+        from quest_export.errors import NotBuiltError
+
+        raise NotBuiltError("method 'dmq' (LES + PTS) is not built yet; use --method ptq, qdiffusion or quest")
     paths: dict[str, Path] = {}
     for name in ALL:
         if name not in needed:
@@ -275,10 +291,6 @@ def _quantize(r: _Run, paths):
                        resume=r.resume, pooled=rec.calib.group_pooled, show_progress=r.show)  # fmt: skip
         report["finetune"] = to_jsonable(fr.__dict__)
         report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, calib, device=r.device)
-    elif rec.quant.method == "dmq":
-        from quest_export.errors import NotBuiltError
-
-        raise NotBuiltError("method 'dmq' (LES + PTS) is not built yet; use --method ptq, qdiffusion or quest")
     qunet.unet.to("cpu")
     save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=model_ref,
                    sampler=sampler, config={"quant": to_jsonable(rec.quant), "ptq": to_jsonable(rec.ptq),
@@ -320,8 +332,7 @@ def _build(r: _Run, paths):
         exp = json.loads((paths["export"] / "manifest.json").read_text())
         plan = plan_build(target, exp["io"], precision=exp.get("precision"))
         bundle_from_export(paths["export"], out=out, target=target, plan=plan)
-        kind = "bundle"
-        detail = {"kind": kind, "engine": _maybe_build_engine(r, out)}
+        detail = {"kind": "bundle", "engine": _maybe_build_engine(r, out)}
     else:
         from quest_export.build.ort import ort_engine_from_export
 
@@ -336,12 +347,22 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
     import importlib.util
 
     target = r.recipe.target
+    insist = r.backend == "trt"
     if importlib.util.find_spec("tensorrt") is None:
+        if insist:
+            from quest_export.build.trt import require_tensorrt
+
+            require_tensorrt()  # raises TensorRTUnavailableError with what to do; the bundle is already written
         return "not built: TensorRT is not installed here; run build.sh (or build_engine.py) on the device"
     from quest_export.build.trt import engines_from_bundle, query_compute_capability
 
     cc = query_compute_capability()
     if cc not in target.compute_capability:
+        if insist:
+            from quest_export.errors import TargetError
+
+            raise TargetError(f"--backend trt: this GPU is SM {cc} but target '{target.id}' needs "
+                              f"{', '.join(target.compute_capability)}; copy {bundle} to the device and run build.sh")  # fmt: skip
         return f"not built: this GPU is SM {cc}, the target needs {', '.join(target.compute_capability)}"
     engines_from_bundle(bundle, out_dir=bundle / "engine")
     return "built in place"
@@ -355,7 +376,10 @@ def _verify(r: _Run, paths):
     return paths["build"], False, report
 
 
-__all__ = ["ALL", "RunSummary", "StageResult", "replace", "resolve_recipe", "run", "stage_keys"]
+from quest_export.errors import QuestExportError  # noqa: E402  (re-exported for the CLI)
+from quest_export.log import set_quiet  # noqa: E402
+
+__all__ = ["ALL", "QuestExportError", "RunSummary", "StageResult", "resolve_recipe", "run", "set_quiet", "stage_keys"]
 
 
 # -- single verbs the CLI calls (each imports its stage lazily) ------------------------------------------
@@ -426,8 +450,6 @@ def lint(path: str | Path, target: str, *, layers: str | None = None) -> dict:
 
 def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, steps: int | None = None) -> Path:
     """Sample the float model (torch) into a PNG grid."""
-    from dataclasses import replace as dc_replace
-
     from quest_export.eval import generate
     from quest_export.models import load_model
     from quest_export.models.sampling import SamplerSpec
@@ -436,7 +458,7 @@ def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, step
     s = recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
     if steps:
-        spec = dc_replace(spec, steps=steps)
+        spec = replace(spec, steps=steps)
     device = resolve_device(recipe)
     model = load_model(recipe.model.name, cond=recipe.model.cond, device=device)
     imgs, _ = generate(model.unet, model, spec, n=n, seed=seed, device=device)
@@ -460,8 +482,6 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
 
     ``merge_groups`` evaluates the quantized model with one merged scale set (the export's ``merged`` mode).
     """
-    from dataclasses import replace as dc_replace
-
     from quest_export.eval import evaluate as _evaluate
     from quest_export.eval import is_fmnist
     from quest_export.models import load_model
@@ -470,7 +490,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
     device = resolve_device(recipe)
     s = recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
-    spec = dc_replace(spec, **{k: v for k, v in (("guidance_scale", guidance), ("steps", steps)) if v is not None})
+    spec = replace(spec, **{k: v for k, v in (("guidance_scale", guidance), ("steps", steps)) if v is not None})
     if quantized:
         from quest_export.quant.artifact import load_quantized
         from quest_export.quant.model import QuantMode

@@ -367,6 +367,8 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
         except (TypeError, ValueError):
             raise RecipeError(f"{path}={value!r} is not a number") from None
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # --set target.trt_version=10.3 parses as a JSON number
         if not isinstance(value, str):
             raise RecipeError(f"{path}={value!r} is not a string")
         return value

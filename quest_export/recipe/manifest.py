@@ -127,6 +127,9 @@ def read_manifest(root: str | os.PathLike, *, stage: str | None = None) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is corrupt ({e.msg}); re-run the stage that wrote it") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a manifest (a JSON {type(manifest).__name__}, not an object); "
+                            "re-run the stage that wrote it")  # fmt: skip
     schema = manifest.get("schema")
     if schema != MANIFEST_SCHEMA:
         raise ManifestMismatch(f"{path} has manifest schema {schema!r}; this quest-export reads schema "

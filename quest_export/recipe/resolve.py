@@ -95,12 +95,16 @@ def merge_layers(
     if effort is not None:
         data = deep_merge(data, _named(presets.EFFORT, effort, "--preset"))
     file_layer = load_recipe_file(recipe_file) if recipe_file is not None else {}
-    tid = target or (shortcuts or {}).get("target") or file_layer.get("target", {}).get("id") or data["target"]["id"]
+    set_layers = [parse_set(item) for item in sets]
+    # the profile is loaded whole for the id that wins the merge order, so an id never relabels another profile
+    tid = target or (shortcuts or {}).get("target") or data["target"]["id"]
+    for layer in [file_layer, *set_layers]:
+        tid = (layer.get("target") or {}).get("id", tid) if isinstance(layer.get("target"), dict) else tid
     data = deep_merge(data, target_layer(tid))
     data = deep_merge(data, file_layer)
     data = deep_merge(data, {k: v for k, v in (shortcuts or {}).items() if k != "target"})
-    for item in sets:
-        data = deep_merge(data, parse_set(item))
+    for layer in set_layers:
+        data = deep_merge(data, layer)
     return data
 
 

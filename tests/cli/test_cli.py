@@ -1,0 +1,167 @@
+"""The CLI (style.md rules 7-8, section 7): `info` prints the plan, --dump-recipe reproduces a run through --recipe,
+user errors are one line with exit code 2 and no traceback, and a verb that is not built says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import quest_export.log as qe_log
+import quest_export.pipeline as pipeline
+from cli.main import main
+from quest_export.errors import RecipeError
+from quest_export.recipe.config import Recipe
+from tests.tiny import tiny_cond_unet, tiny_uncond_unet, write_tiny_model_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra OpenMP threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def sandbox(tmp_path, monkeypatch):
+    """Stage outputs go under tmp_path, not the repository; no progress bars; a wide table."""
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path / "work")
+    monkeypatch.setenv("QUEST_EXPORT_NO_PROGRESS", "1")
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setitem(qe_log._QUIET, "value", False)  # `--quiet` sets a process-wide flag; restore it after
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {kind: write_tiny_model_dir(root, kind) for kind in ("cond", "uncond")}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Layer name -> [kind, weight shape, w bits, a bits, notes] from the rich table."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def assert_user_error(result, fragment: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()  # stage lines may come first ("[calibrate] ... done")
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines  # the message is one line, and the last one
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+# -- info ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cond", "uncond"])
+def test_info_prints_the_layer_table(kind, model_dirs):
+    result = invoke("info", str(model_dirs[kind]))
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.stdout)
+    unet = tiny_cond_unet() if kind == "cond" else tiny_uncond_unet()
+    layers = [n for n, m in unet.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+    assert sorted(rows) == sorted(layers)  # every Conv2d/Linear, by its full name
+    assert rows["conv_in"][:4] == ["conv", "8x1x3x3", "8", "8"] and "first" in rows["conv_in"][4]
+    temb = [n for n in rows if n.endswith("time_emb_proj")]
+    assert len(temb) >= 5 and all(rows[n][2:4] == ["8", "8"] and "temporal" in rows[n][4] for n in temb)
+    attn = "UNet2DConditionModel" if kind == "cond" else "UNet2DModel"
+    assert f"{model_dirs[kind]}: {attn}" in result.stdout
+    # 10-step sampler from the folder's quest_model.json -> G = min(10, steps) for quest/fast
+    assert f"{len(layers)} quantized layers;" in result.stdout and "10 timestep group(s)" in result.stdout
+
+
+def test_info_w4a4_keeps_first_and_last_inputs_at_8_bits(model_dirs):
+    result = invoke("info", str(model_dirs["cond"]), "--bits", "w4a4")
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.stdout)
+    assert rows["conv_in"][2:4] == ["4", "8"] and rows["conv_out"][2:4] == ["4", "8"]  # first_last a8
+    assert rows["down_blocks.0.resnets.0.conv1"][2:4] == ["4", "4"]
+    assert rows["time_embedding.linear_1"][2:4] == ["4", "4"]
+    to_k = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert rows[to_k][2:4] == ["4", "-"] and "context_quantizer (shared)" in rows[to_k][4]
+    as_json = invoke("info", str(model_dirs["cond"]), "--bits", "w4a4", "--json")
+    layers = {s["name"]: s for s in json.loads(as_json.stdout)["plan"]["layers"]}
+    assert (layers["conv_in"]["w_bits"], layers["conv_in"]["a_bits"]) == (4, 8)
+    assert {s["w_bits"] for s in layers.values()} == {4}
+
+
+def test_dump_recipe_round_trips_through_recipe(model_dirs, tmp_path):
+    args = ["--model", str(model_dirs["uncond"]), "--bits", "w4a8", "--method", "qdiffusion", "--set", "calib.seed=3"]
+    first = invoke("info", *args, "--dump-recipe")
+    assert first.exit_code == 0, first.output
+    recipe = Recipe.from_dict(json.loads(first.stdout))
+    assert recipe.quant.method == "qdiffusion" and recipe.calib.seed == 3 and recipe.quant.timestep_groups == 1
+    assert recipe.model.name == str(model_dirs["uncond"]) and recipe.sampler.steps == 10
+    assert recipe.fingerprint() == pipeline.resolve_recipe(model=str(model_dirs["uncond"]), bits="w4a8",
+                                                           method="qdiffusion", sets=["calib.seed=3"]).fingerprint()  # fmt: skip
+    f = tmp_path / "resolved.json"
+    f.write_text(first.stdout)
+    second = invoke("info", "--recipe", str(f), "--dump-recipe")
+    assert second.exit_code == 0, second.output
+    assert Recipe.from_dict(json.loads(second.stdout)).fingerprint() == recipe.fingerprint()
+    assert second.stdout == first.stdout
+
+
+# -- user errors ---------------------------------------------------------------------------------------------------
+
+
+def test_unknown_set_key_is_one_line_exit_2(model_dirs):
+    result = invoke("info", str(model_dirs["cond"]), "--set", "quant.w_bit=4")
+    assert_user_error(result, "unknown recipe key 'quant.w_bit'; did you mean 'quant.w_bits'?")
+
+
+def test_bad_value_is_one_line_exit_2(model_dirs):
+    result = invoke("info", str(model_dirs["cond"]), "--set", "quant.softmax_bits=4")
+    assert_user_error(result, "quant.softmax_bits=4 is not allowed; choose one of 8, 16")
+
+
+def test_unknown_target_exit_2(model_dirs):
+    result = invoke("info", str(model_dirs["cond"]), "--target", "jetsn")
+    assert_user_error(result, "unknown target 'jetsn'; did you mean 'jetson'?")
+
+
+def test_missing_model_exit_2(tmp_path):
+    result = invoke("info", str(tmp_path / "no-such-model"))
+    assert_user_error(result, f"model '{tmp_path / 'no-such-model'}' not found")
+
+
+def test_debug_shows_the_traceback(model_dirs):
+    result = invoke("--debug", "info", str(model_dirs["cond"]), "--set", "quant.w_bit=4")
+    assert isinstance(result.exception, RecipeError) and result.exit_code == 1
+
+
+QUICK = ["--set", "calib.samples_per_group=2", "--set", "sampler.steps=2"]
+
+
+def test_dmq_quantize_says_not_built(model_dirs, tmp_path):
+    result = invoke("--quiet", "quantize", "--model", str(model_dirs["cond"]), "--method", "dmq", *QUICK,
+                    "--set", "ptq.adaround_iters=0")  # fmt: skip
+    assert_user_error(result, "method 'dmq' (LES + PTS) is not built yet")
+    work = tmp_path / "work"
+    assert not list(work.rglob("manifest.json"))  # refused before calibration: nothing written, nothing pretends
+
+
+def test_dmq_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch):
+    import quest_export.ptq.stage_a as stage_a
+
+    def no_stage_a(*args, **kwargs):
+        raise AssertionError("Stage A ran for a method that is not built")
+
+    monkeypatch.setattr(stage_a, "run_stage_a", no_stage_a)
+    result = invoke("--quiet", "quantize", "--model", str(model_dirs["cond"]), "--method", "dmq", *QUICK)
+    assert_user_error(result, "not built yet")
+    assert not (tmp_path / "work" / "runs").exists()
