@@ -105,8 +105,14 @@ def main() -> None:
             )
             res["sizes_kib"][f"{target}/{bits}"] = round(size / 1024, 1)
             if target == "cpu":
-                graphs[f"{bits} (input-only Q/DQ)"] = exp / "model.onnx"
+                graphs[f"{bits} (input-only Q/DQ)" if bits == "w8a8" else f"{bits} (INT4 weights)"] = exp / "model.onnx"
             print(target, bits, res["sizes_kib"][f"{target}/{bits}"], "KiB", flush=True)
+    # ONNX Runtime CPU's fused W8A8 form (E-22): output quantizers in the fake-quant model, Q/DQ on outputs too
+    recipe = pipeline.resolve_recipe(model=args.model, bits="w8a8", method="ptq", target="cpu",
+                                     sets=[*SMALL, "quant.output_quant=true"])  # fmt: skip
+    exp = pipeline.run(recipe, stages=("export",), work=work, show_progress=False).stage("export").path
+    res["sizes_kib"]["cpu/w8a8-fused-io"] = round((exp / "model.onnx").stat().st_size / 1024, 1)
+    graphs["w8a8 (in+out Q/DQ, fused)"] = exp / "model.onnx"
     if args.latency:
         import numpy as np
         from polygraphy.json import load_json

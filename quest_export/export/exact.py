@@ -94,18 +94,23 @@ def weight_only_check(ref, manifest: dict, feed: dict, group: int, *, tol: float
     return {"max_abs": st["max_abs"], "limit": limit, "pass": st["max_abs"] <= limit}
 
 
-def _capture_layer_inputs(ref, feed: dict, group: int, names: list[str]) -> dict[str, torch.Tensor]:
+def _capture_layers(ref, feed: dict, group: int, names: list[str], *, inputs: bool) -> dict:
+    """Inputs (or outputs) of the named quantized layers of the fake-quant model on ``feed``."""
     q = ref.qunet
     layers = q.layers()
-    got: dict[str, torch.Tensor] = {}
+    got: dict = {}
 
     def make(name):
-        def hook(mod, args):  # returns None: the input passes unchanged
+        def pre_hook(mod, args):  # returns None: the input passes unchanged
             got.setdefault(name, args[0].detach().clone())
 
-        return hook
+        def hook(mod, args, output):  # returns None: the output passes unchanged
+            got.setdefault(name, output.detach().numpy())
 
-    hooks = [layers[n].register_forward_pre_hook(make(n)) for n in names]
+        return pre_hook if inputs else hook
+
+    hooks = [layers[n].register_forward_pre_hook(make(n)) if inputs else layers[n].register_forward_hook(make(n))
+             for n in names]  # fmt: skip
     x, t, c = _torch_feed(feed, "cpu")
     try:
         with torch.no_grad(), q.ctx.select(group), q.mode(QuantMode.FULL):
@@ -123,7 +128,7 @@ def layer_graph_checks(ref, manifest: dict, feed: dict, group: int, *, tol: floa
     if len(names) > max_layers:  # evenly spread over the UNet, first and last included
         idx = np.unique(np.linspace(0, len(names) - 1, max_layers).round().astype(int))
         names = [names[i] for i in idx]
-    inputs = _capture_layer_inputs(ref, feed, group, names)
+    inputs = _capture_layers(ref, feed, group, names, inputs=True)
     plan = ExportPlan(opset=manifest["onnx"]["opset"], scale_mode="merged", group=group,
                       acts=plan_acts(q, native_a4=False))  # fmt: skip
     layers = q.layers()
@@ -194,21 +199,4 @@ def _graph_order(model: onnx.ModelProto, tensors: dict[str, str]) -> list[str]:
 
 def layer_outputs_torch(ref, feed: dict, group: int) -> dict[str, np.ndarray]:
     """Outputs of every quantized layer of the fake-quant model on ``feed`` (forward hooks)."""
-    q = ref.qunet
-    got: dict[str, np.ndarray] = {}
-
-    def make(name):
-        def hook(mod, args, output):  # returns None: the output passes unchanged
-            got.setdefault(name, output.detach().numpy())
-
-        return hook
-
-    hooks = [m.register_forward_hook(make(n)) for n, m in q.layers().items()]
-    x, t, c = _torch_feed(feed, "cpu")
-    try:
-        with torch.no_grad(), q.ctx.select(group), q.mode(QuantMode.FULL):
-            _call(q.unet.to("cpu"), x, t.long(), c)
-    finally:
-        for h in hooks:
-            h.remove()
-    return got
+    return _capture_layers(ref, feed, group, list(ref.qunet.layers()), inputs=False)

@@ -39,19 +39,6 @@ EFFORT: dict[str, dict] = {
             "c_batch": 4,
         },  # fmt: skip
     },
-    "gpu": {
-        "calib": {"samples_per_group": 64},
-        "ptq": {"adaround_iters": 200, "adaround_batch": 16, "act_batch": 64, "act_recon_iters": 200},
-        "finetune": {
-            "preset": "gpu",
-            "b_epochs": 50,
-            "b_samples": 8,
-            "b_batch": 2,
-            "c_epochs": 5,
-            "c_samples": 32,
-            "c_batch": 4,
-        },  # fmt: skip
-    },
     "paper": {
         "calib": {"samples_per_group": 256},
         "ptq": {"adaround_iters": 20000, "adaround_batch": 16, "act_batch": 64, "act_recon_iters": 5000},
@@ -70,6 +57,10 @@ EFFORT: dict[str, dict] = {
         },  # fmt: skip
     },
 }
+
+# `gpu` = `fast` with quest.md's fast-column finetune lengths (Stage B 50 x 8, Stage C 5 x 32)
+EFFORT["gpu"] = {**EFFORT["fast"], "finetune": {**EFFORT["fast"]["finetune"], "preset": "gpu", "b_epochs": 50,
+                                                 "c_epochs": 5, "c_samples": 32}}  # fmt: skip
 
 # Stage B epochs of the paper preset per model family (quest.md 5.2: ImageNet 300, LSUN 200).
 PAPER_B_EPOCHS = {"class-cond": 300, "uncond": 200, "text": 200}

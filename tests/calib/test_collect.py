@@ -17,13 +17,6 @@ from tests.tiny import tiny_model
 T, N, GUIDANCE = 6, 6, 2.0  # trajectories, DDIM steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra OpenMP threads only add contention
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model():

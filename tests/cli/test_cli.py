@@ -17,13 +17,6 @@ from quest_export.recipe.config import Recipe
 from tests.tiny import tiny_cond_unet, tiny_uncond_unet, write_tiny_model_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra OpenMP threads only add contention
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def sandbox(tmp_path, monkeypatch):

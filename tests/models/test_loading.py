@@ -24,13 +24,6 @@ BORDER_MEAN_MAX = -0.85
 IMAGE_STD_MIN = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: extra OpenMP threads only add contention
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def no_dataset(monkeypatch, tmp_path):

@@ -26,13 +26,6 @@ STEPS, TRAJ, GROUPS = 6, 4, 4  # G does not divide N: first steps ceil(g N / G) 
 ADAROUND_MAX_RATIO = 0.9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra OpenMP threads only add contention
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def calib():

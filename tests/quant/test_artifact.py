@@ -31,13 +31,6 @@ STEPS = 6
 FINGERPRINT = "ab" * 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra OpenMP threads only add contention
-    yield
-    torch.set_num_threads(n)
-
 
 def _save(qunet, out, *, model_dir, model_hash, quant):
     return save_quantized(qunet, out, recipe_fingerprint=FINGERPRINT, quant=quant,

@@ -20,13 +20,6 @@ from tests.tiny import inputs, tiny_cond_unet, tiny_uncond_unet
 TS = [900, 600, 300]  # t_0 > t_1 > t_2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra OpenMP threads only add contention
-    yield
-    torch.set_num_threads(n)
-
 
 def sampler_timesteps(n: int) -> list[int]:
     sched = make_scheduler(SCHEDULER_CONFIG, "ddim")
