@@ -307,7 +307,8 @@ def _export(r: _Run, paths):
 
     path = r.work / "runs" / "export" / f"{r.tag}-{r.recipe.target.id}-{r.keys['export']}"
     if r.reusable("export", path):
-        return path, True, {}
+        m = json.loads((path / "manifest.json").read_text())
+        return path, True, {"precision": m["precision"], "onnx": m["onnx"]}
     calib = CalibrationSet.load(paths["calibrate"])
     res = onnx_from_artifact(paths["quantize"], target=r.recipe.target, cfg=r.recipe.export, out=path, calib=calib,
                              recipe_fingerprint=r.recipe.fingerprint(), scheduler_config=r.info.scheduler_config)  # fmt: skip
