@@ -331,7 +331,8 @@ def _build(r: _Run, paths):
         from quest_export.build.trt import plan_build
 
         exp = json.loads((paths["export"] / "manifest.json").read_text())
-        plan = plan_build(target, exp["io"], precision=exp.get("precision"))
+        int4 = any(layer["storage"] == "int4-block" for layer in exp.get("layers", []))
+        plan = plan_build(target, exp["io"], precision=exp.get("precision"), int4=int4)
         bundle_from_export(paths["export"], out=out, target=target, plan=plan)
         detail = {"kind": "bundle", "engine": _maybe_build_engine(r, out)}
     else:

@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from quest_export import __version__
-from quest_export.errors import ExportError, NotBuiltError, TargetError
+from quest_export.errors import ExportError, TargetError
 from quest_export.export import graph as G
 from quest_export.export.qdq import ExportPlan, QdqEmitter, plan_acts
 from quest_export.quant.artifact import load_quantized
@@ -105,11 +105,14 @@ def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dic
     return recs
 
 
-def precision_note(w_bits: int, a_bits: int, target: TargetProfile) -> str:
+def precision_note(w_bits: int, a_bits: int, target: TargetProfile, *, int4_block: int = 0, block: int = 128) -> str:
     if not target.is_tensorrt:
         return f"W{w_bits}A{a_bits}: true {'INT4 ' if min(w_bits, a_bits) == 4 else ''}Q/DQ in ONNX Runtime (reference speed)"
     notes = []
-    if w_bits < 8:
+    if w_bits < 8 and int4_block:
+        notes.append(f"W{w_bits} convolutions stored as INT8 (speed = W8A8); {int4_block} linear layers as INT4 "
+                     f"block-{block} weights (experimental on TensorRT, deploy.md Q2)")  # fmt: skip
+    elif w_bits < 8:
         notes.append(f"W{w_bits} stored as INT8; speed = W8A8")
     if a_bits < 8:
         notes.append(
@@ -231,9 +234,12 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     if quant.get("output_quant") and target.is_tensorrt:
         raise TargetError(f"target '{target.id}': output quantizers are an ONNX Runtime CPU form; re-quantize "
                           "with quant.output_quant=false")  # fmt: skip
-    if cfg.int4_gemm:
-        raise NotBuiltError("export.int4_gemm (block-quantized INT4 MatMul weights for TensorRT) is not built yet; "
-                            "W4 linear layers are exported exactly in an INT8 container instead (set export.int4_gemm=false)")  # fmt: skip
+    int4_gemm = cfg.int4_gemm and target.is_tensorrt
+    if int4_gemm and "int4-gemm" not in target.quantized_types:
+        raise TargetError(f"target '{target.id}' (TensorRT {target.trt_version}) has no INT4 weights; set "
+                          "export.int4_gemm=false (W4 stays exact in an INT8 container)")  # fmt: skip
+    if int4_gemm and w_bits != 4:
+        raise TargetError(f"export.int4_gemm stores 4-bit weights; this artifact has {w_bits}-bit weights")
     if target.is_tensorrt and not (quant["w_symmetric"] and quant["a_symmetric"]):
         raise TargetError(f"target '{target.id}' needs symmetric grids; this artifact is asymmetric: re-quantize "
                           "with quant.w_symmetric=true quant.a_symmetric=true")  # fmt: skip
@@ -243,13 +249,14 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     native_a4 = target.native_a4 and a_bits == 4
     mode = cfg.scale_mode if qunet.ctx.count > 1 else "merged"
     acts = plan_acts(qunet, native_a4=native_a4)
-    needs_int4 = (not target.is_tensorrt) and (w_bits == 4 or native_a4)
+    needs_int4 = ((not target.is_tensorrt) and (w_bits == 4 or native_a4)) or int4_gemm
     opset, ir = export_opset(target, needs_int4=needs_int4)
     if mode == "merged":
         merge_groups_(qunet)
     if mode == "scale-input" and any(q.per_channel for q in qunet.act_quantizers().values()):
         raise TargetError("scale-input mode needs per-tensor activation scales; use merged or per-group")
     records = layer_records(qunet, target, acts)
+    linear_w4 = [r["name"] for r in records if r["kind"] == "linear" and r["w_bits"] == 4 and not r["split_at"]]
     retype = {}
     if needs_int4:
         for r in records:
@@ -269,6 +276,11 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
         m = _trace(qunet, plan, example, conditional=conditional)
         if retype:
             G.retype_int4(m, retype)
+        if int4_gemm:
+            blocked = set(G.blockify_int4_weights(m, linear_w4, cfg.int4_block))
+            for r in records:
+                if r["name"] in blocked:
+                    r["storage"] = "int4-block"
         G.set_versions(m, opset=opset, ir_version=ir)
         G.name_qdq_nodes(m)
         G.set_metadata(m, {"quest_export.version": __version__, "quest_export.recipe_fingerprint": recipe_fingerprint,
@@ -320,7 +332,8 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
         extra = {
             "target": to_jsonable(target),
             "precision": {"w_bits": w_bits, "a_bits": a_bits, "mode": f"W{w_bits}A{a_bits}",
-                          "note": precision_note(w_bits, a_bits, target)},
+                          "note": precision_note(w_bits, a_bits, target, int4_block=sum(
+                              r["storage"] == "int4-block" for r in records), block=cfg.int4_block)},
             "scale_mode": mode,
             "graphs": [{"file": f, "group": g} for f, g in zip(files, graph_groups)],
             "weights_file": "weights.bin" if len(models) > 1 else None,

@@ -82,6 +82,50 @@ def retype_int4(model: onnx.ModelProto, names: dict[str, str]) -> list[str]:
     return done
 
 
+def blockify_int4_weights(model: onnx.ModelProto, layers: list[str], block: int) -> list[str]:
+    """Rewrite per-channel W4 MatMul weights as INT4 block-quantized weight-only DQ (deploy.md E-4, E-11).
+
+    A per-output-channel 4-bit grid is a block quantization whose blocks along K all share their column's
+    scale, so the numerics do not change: B (K, N) int8 holding [-8, 7] becomes INT4, the scale (N,) becomes
+    (K / block, N), the zero point an all-zero INT4 tensor of that shape, and the DQ gets axis=0 and
+    ``block_size``. Layers with K not divisible by ``block`` or an odd N keep the INT8 container.
+
+    Returns:
+        the layer names rewritten.
+    """
+    import ml_dtypes
+
+    inits = {i.name: i for i in model.graph.initializer}
+    dq_of = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    done = []
+    for name in layers:
+        wname = f"unet.{name}.weight_quantizer.export_w"
+        node = dq_of.get(wname)
+        if node is None or wname not in inits:
+            continue
+        w = numpy_helper.to_array(inits[wname])  # (K, N)
+        k, n = w.shape
+        if k % block or n % 2 or w.min() < -8 or w.max() > 7:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]]).reshape(1, n)
+        rows = k // block
+        repl = {wname: numpy_helper.from_array(w.astype(ml_dtypes.int4), wname),
+                node.input[1]: numpy_helper.from_array(np.repeat(scale, rows, 0).astype(np.float32), node.input[1]),
+                node.input[2]: numpy_helper.from_array(np.zeros((rows, n), ml_dtypes.int4), node.input[2])}  # fmt: skip
+        for i, init in enumerate(model.graph.initializer):
+            if init.name in repl:
+                model.graph.initializer[i].CopyFrom(repl[init.name])
+        attrs = [a for a in node.attribute if a.name not in ("axis", "block_size")]
+        del node.attribute[:]
+        node.attribute.extend(
+            attrs + [onnx.helper.make_attribute("axis", 0), onnx.helper.make_attribute("block_size", block)]
+        )
+        done.append(name)
+    if done:
+        del model.graph.value_info[:]
+    return done
+
+
 def name_qdq_nodes(model: onnx.ModelProto) -> None:
     """Name each Q/DQ node after its scale initializer: '<quantizer>/QuantizeLinear' (readable in lint and TRT logs)."""
     seen: dict[str, int] = {}
