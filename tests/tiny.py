@@ -34,7 +34,9 @@ def inputs(unet, batch: int = 2, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 1, 8, 8, generator=g)
     t = torch.full((batch,), 500, dtype=torch.long)
-    cond = torch.randn(batch, COND_TOKENS, COND_DIM, generator=g) if hasattr(unet.config, "cross_attention_dim") else None
+    cond = (
+        torch.randn(batch, COND_TOKENS, COND_DIM, generator=g) if hasattr(unet.config, "cross_attention_dim") else None
+    )
     return x, t, cond
 
 

@@ -17,7 +17,6 @@ from tests.tiny import tiny_model
 T, N, GUIDANCE = 6, 6, 2.0  # trajectories, DDIM steps
 
 
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("cond")

@@ -17,7 +17,6 @@ from quest_export.recipe.config import Recipe
 from tests.tiny import tiny_cond_unet, tiny_uncond_unet, write_tiny_model_dir
 
 
-
 @pytest.fixture(autouse=True)
 def sandbox(tmp_path, monkeypatch):
     """Stage outputs go under tmp_path, not the repository; no progress bars; a wide table."""

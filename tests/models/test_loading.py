@@ -24,7 +24,6 @@ BORDER_MEAN_MAX = -0.85
 IMAGE_STD_MIN = 0.3
 
 
-
 @pytest.fixture
 def no_dataset(monkeypatch, tmp_path):
     """Make any use of the Fashion-MNIST files fail loudly."""

@@ -26,7 +26,6 @@ STEPS, TRAJ, GROUPS = 6, 4, 4  # G does not divide N: first steps ceil(g N / G) 
 ADAROUND_MAX_RATIO = 0.9
 
 
-
 @pytest.fixture(scope="module")
 def calib():
     """Calibration set of the tiny cond model: 4 trajectories x 6 DDIM steps x 2 CFG halves = 48 rows."""

@@ -31,7 +31,6 @@ STEPS = 6
 FINGERPRINT = "ab" * 32
 
 
-
 def _save(qunet, out, *, model_dir, model_hash, quant):
     return save_quantized(qunet, out, recipe_fingerprint=FINGERPRINT, quant=quant,
                           model_ref={"name": str(model_dir), "cond": None, "hash": model_hash},

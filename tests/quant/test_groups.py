@@ -20,7 +20,6 @@ from tests.tiny import inputs, tiny_cond_unet, tiny_uncond_unet
 TS = [900, 600, 300]  # t_0 > t_1 > t_2
 
 
-
 def sampler_timesteps(n: int) -> list[int]:
     sched = make_scheduler(SCHEDULER_CONFIG, "ddim")
     sched.set_timesteps(n)
