@@ -55,7 +55,22 @@ FINAL = {  # (method, bits, sets, target, model): rows of both models in one par
     **{f"uncond/{m}-{b}": (m, b, [], "cpu", "fmnist-uncond") for m in ("ptq", "qdiffusion", "quest")
        for b in ("w4a8", "w4a4")},
 }  # fmt: skip
-ROWSETS = {"standard": STANDARD, "ablation": ABLATION, "asym": ASYM, "trt": TRT, "w4a4x": W4A4X, "final": FINAL}
+EXTRA = {  # three seeds, local + global, asymmetric grids at W8A8 and W4A4, and the uncond W8A8 rows
+    "cond/quest-w4a4": ("quest", "w4a4", [], "cpu", "fmnist-cond"),
+    **{f"cond/{k}": (*ABLATION[k], "fmnist-cond") for k in ("quest-w4a4-seed1", "quest-w4a4-seed2",
+                                                             "quest-w4a4-local+global")},
+    **{f"cond/{k}": (*ASYM[k], "fmnist-cond") for k in ("quest-w8a8-asym", "quest-w4a4-asym")},
+    **{f"uncond/{m}-w8a8": (m, "w8a8", [], "cpu", "fmnist-uncond") for m in ("ptq", "qdiffusion", "quest")},
+}  # fmt: skip
+ROWSETS = {
+    "standard": STANDARD,
+    "ablation": ABLATION,
+    "asym": ASYM,
+    "trt": TRT,
+    "w4a4x": W4A4X,
+    "final": FINAL,
+    "extra": EXTRA,
+}
 
 
 def worker(args) -> None:
@@ -96,6 +111,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     p.add_argument("--work", default=None, help="cache root (default: the repository)")
     p.add_argument("--out", default="bench_quality.json")
+    p.add_argument("--no-float", action="store_true", help="skip the float rows")
     p.add_argument("--merged", action="store_true", help="also evaluate merged (single) scale sets of G > 1 rows")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)
@@ -103,7 +119,11 @@ def main() -> None:
     p.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
+        import logging
+
         import torch
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines every 30 s
 
         torch.set_num_threads(args.threads)
         worker(args)
@@ -122,8 +142,13 @@ def main() -> None:
     results = {}
     for model in models:  # calibration once per model, shared by every row; the float row
         recipe = pipeline.resolve_recipe(model=model, preset=args.preset, sets=tuple(args.set))
+        tc = time.time()
         pipeline.run(recipe, stages=("calibrate",), work=args.work, show_progress=False)
+        results[f"{model}/calibrate_seconds"] = round(time.time() - tc, 1)
+        print(f"{model}: calibration {results[f'{model}/calibrate_seconds']} s", flush=True)
         key = "float" if len(models) == 1 else f"{model}/float"
+        if args.no_float:
+            continue
         results[key] = pipeline.evaluate(recipe, n=args.n, seed=args.seed, grid=str(out_dir / f"{model}-float.png"))
         print(f"{key}: FD {results[key]['fd']} agreement {results[key]['class_agreement']}", flush=True)
     procs: list[tuple[str, subprocess.Popen]] = []

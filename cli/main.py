@@ -49,7 +49,7 @@ def recipe_options(fn):
             "--cond", default=None, help="safetensors of encoder_hidden_states rows (any UNet2DConditionModel)"
         ),
         click.option("--bits", default=None, help="precision preset: w8a8 | w4a8 | w4a4"),
-        click.option("--preset", default=None, help="effort preset: fast | paper"),
+        click.option("--preset", default=None, help="effort preset: fast (CPU) | gpu | paper (reference)"),
         click.option("--method", default=None, help="ptq | qdiffusion | quest | dmq"),
         click.option("--target", default=None, help="target profile id (engines/targets), or 'jetson'"),
         click.option("--recipe", "recipe_file", default=None, help="recipe JSON file (see --dump-recipe)"),

@@ -279,7 +279,12 @@ def _quantize(r: _Run, paths):
         qunet, rep = run_stage_a(model, calib, rec.quant, rec.ptq, groups=rec.quant.timestep_groups, device=r.device,
                                  seed=rec.calib.seed, pooled=rec.calib.group_pooled, show_progress=r.show)  # fmt: skip
         r._model = None
-        report["stage_a"] = {"eps_mse": rep.eps_mse, "adaround": rep.adaround, "units": rep.units}
+        report["stage_a"] = {
+            "eps_mse": rep.eps_mse,
+            "adaround": rep.adaround,
+            "units": rep.units,
+            "seconds": rep.seconds,
+        }
         if rec.quant.method == "quest":
             save_quantized(qunet, stage_a, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=model_ref,
                            sampler=sampler, stage="stage-a", extra={"report": report})  # fmt: skip

@@ -27,8 +27,10 @@ import torch
 from quest_export.calib.collect import CalibrationSet
 from quest_export.errors import RecipeError, TrainingDivergedError
 from quest_export.log import progress
+from quest_export.ptq.steps import StepRunner, graphs_usable
 from quest_export.quant.model import QuantizedUNet, QuantMode
 from quest_export.quant.modules import QuantModule
+from quest_export.quant.primitives import SCALE_MIN
 from quest_export.quant.quantizer import ActQuantizer
 from quest_export.recipe.config import FinetuneConfig
 
@@ -50,7 +52,9 @@ class FinetuneReport:
     trainable_b: list = field(default_factory=list)
     trainable_c: list = field(default_factory=list)
     seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)  # B / C -> wall seconds (this process)
     peak_memory_mib: float = 0.0
+    loops: dict = field(default_factory=dict)  # graph | eager -> number of step runners that ran that way
     resumed_from: str | None = None
 
 
@@ -122,6 +126,11 @@ class QuestFinetuner:
         self.opt_b: torch.optim.Optimizer | None = None
         self.opt_c: torch.optim.Optimizer | None = None
         self._first_loss: float | None = None
+        self._first_step = True  # the first step of the run checks that every trainable tensor gets a gradient
+        self.graphs = graphs_usable(device, cfg.cuda_graphs)
+        # capturable Adam on every GPU run, graphs or not: its update arithmetic differs from the default one in the
+        # last bits, so this keeps `cuda_graphs` a pure speed switch (same numbers either way)
+        self.capturable = graphs_usable(device, True)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _batch(self, rows):
@@ -130,22 +139,60 @@ class QuestFinetuner:
     def _rows(self, g: int) -> torch.Tensor:
         return self.calib.group_rows(g, self.G, pooled=self.pooled)
 
-    def _loss(self, rows, *, hooked: list[str], w_glob: float, w_loc: float) -> torch.Tensor:
-        x, t, cond, eps_fp = self._batch(rows)
-        if w_loc > 0:
-            hq, hf = _Outputs(self.q.unet, hooked), _Outputs(self.teacher, hooked)
+    def _teacher(self, x, t, cond, hooked: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The float model's eps and the outputs of the hooked layers (local supervision)."""
+        hf = _Outputs(self.teacher, hooked)
+        try:
+            with torch.no_grad():
+                eps = _forward(self.teacher, x, t, cond)
+        finally:
+            hf.remove()
+        return eps, [hf.out[n].detach() for n in hooked]
+
+    def _inputs(self, rows, *, hooked: list[str], w_loc: float, cache: dict | None = None, key=None) -> list:
+        """[x, t, cond, eps_fp, *refs] of one step; ``cache`` keeps the teacher's answers for rows that return."""
+        x, t, cond, eps = self._batch(rows)
+        if w_loc <= 0:  # global only: the recorded float eps is the teacher's answer for exactly these inputs
+            return [x, t, cond, eps]
+        if cache is not None and key in cache:
+            eps, refs = cache[key]
+        else:
+            eps, refs = self._teacher(x, t, cond, hooked)
+            if cache is not None:
+                cache[key] = (eps, refs)
+        return [x, t, cond, eps, *refs]
+
+    def _body(self, opts, scales, *, hooked: list[str], w_glob: float, w_loc: float):
+        """One optimisation step on its inputs; returns the (detached) loss. Capturable as a CUDA graph."""
+
+        def body(x, t, cond, eps_fp, *refs) -> torch.Tensor:
+            hq = _Outputs(self.q.unet, hooked) if w_loc > 0 else None
             try:
-                with torch.no_grad():
-                    eps_fp = _forward(self.teacher, x, t, cond)
                 eps_q = _forward(self.q.unet, x, t, cond)
-                loc = sum(torch.mean((hq.out[n] - hf.out[n].detach()) ** 2) for n in hooked)
             finally:
-                hq.remove()
-                hf.remove()
-        else:  # global only: the recorded float eps is the teacher's answer for exactly these inputs
-            eps_q = _forward(self.q.unet, x, t, cond)
-            loc = torch.zeros((), device=eps_q.device)
-        return w_glob * torch.mean((eps_q - eps_fp) ** 2) + w_loc * loc
+                if hq is not None:
+                    hq.remove()
+            loss = w_glob * torch.mean((eps_q - eps_fp) ** 2)
+            if w_loc > 0:
+                loss = loss + w_loc * sum(torch.mean((hq.out[n] - r) ** 2) for n, r in zip(hooked, refs))
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            if self._first_step:  # eager: the first step of a run is never captured
+                self._assert_grads(opts)
+                self._first_step = False
+            for o in opts:
+                o.step()
+            if scales:  # only the rows being trained can have moved (one launch, not one per row)
+                with torch.no_grad():
+                    torch._foreach_clamp_min_(scales, SCALE_MIN)
+            return loss.detach()
+
+        return body
+
+    def _train_step(self, runner: StepRunner, inputs: list, where: str) -> float:
+        """Run one step; stop with a clear message when the loss explodes."""
+        return self._check(runner(inputs), where)
 
     def _check(self, loss: torch.Tensor, where: str) -> float:
         v = loss.item()
@@ -165,17 +212,6 @@ class QuestFinetuner:
                 for p in grp["params"]:
                     if p.grad is None or not bool(torch.any(p.grad != 0)):
                         raise RuntimeError(f"a trainable tensor of shape {tuple(p.shape)} received no gradient")
-
-    def _step(self, loss, opts, first: bool) -> None:
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        if first:
-            self._assert_grads(opts)
-        for o in opts:
-            o.step()
-        for q in self.q.act_quantizers().values():
-            q.clamp_scales_()
 
     def _set_trainable(self, params) -> None:
         for p in self.q.unet.parameters():
@@ -227,12 +263,16 @@ class QuestFinetuner:
         with torch.enable_grad(), self.q.mode(QuantMode.FULL):
             self.teacher.to(self.device)
             if self.cfg.stage_b and self.temporal and self.pos["stage"] == "B":
+                t1 = time.time()
                 self._stage_b()
+                self.report.stage_seconds["B"] = round(time.time() - t1, 1)
             if self.pos["stage"] == "B":
                 self.pos = {"stage": "C", "index": 0}
                 self._save()
             if self.cfg.stage_c and self.pos["stage"] == "C":
+                t1 = time.time()
                 self._stage_c()
+                self.report.stage_seconds["C"] = round(time.time() - t1, 1)
         for m in train_layers.values():
             m.freeze_weights()  # W_int computed once, from the finetuned latent weights
         for p in self.q.unet.parameters():
@@ -246,33 +286,34 @@ class QuestFinetuner:
         names = sorted(self.temporal)
         w_glob = float(len(names)) if cfg.b_w_glob is None else cfg.b_w_glob
         weights = _params_of(self.temporal)
-        self.opt_b = torch.optim.Adam(weights, lr=cfg.b_lr_weight)
+        self.opt_b = torch.optim.Adam(weights, lr=cfg.b_lr_weight, capturable=self.capturable)
         if self._pending_opt[0] is not None:
             self.opt_b.load_state_dict(self._pending_opt[0])
-        samples = {}
-        order = list(range(self.G))
         steps_per_epoch = -(-cfg.b_samples // cfg.b_batch)
+        self._first_step = True
         bar = progress(total=(self.G - self.pos["index"]) * cfg.b_epochs * steps_per_epoch, description="stage B",
                        enabled=self.show)  # fmt: skip
-        first = self.pos["index"] == 0
         try:
-            for g in order[self.pos["index"] :]:
-                samples[g] = self.calib.draw(self._rows(g), cfg.b_samples, self.gen)  # drawn once per group
+            for g in range(self.pos["index"], self.G):
+                rows = self.calib.draw(self._rows(g), cfg.b_samples, self.gen)  # drawn once per group
                 scales = [self.temporal[n].input_quantizer.scales[g] for n in names
                           if self.temporal[n].input_quantizer is not None]  # fmt: skip
-                opt_s = torch.optim.Adam(scales, lr=cfg.b_lr_scale)  # fresh for every group
+                opt_s = torch.optim.Adam(scales, lr=cfg.b_lr_scale, capturable=self.capturable)  # fresh for every group
                 self._set_trainable(weights + scales)
                 losses = []
+                teacher: dict = {}  # the group's samples come back every epoch: the teacher runs once per batch
                 with self.q.ctx.select(g):
+                    runner = StepRunner(self._body([self.opt_b, opt_s], scales, hooked=names, w_glob=w_glob,
+                                                   w_loc=cfg.b_w_loc), graph=self.graphs)  # fmt: skip
                     for epoch in range(cfg.b_epochs):
                         for k in range(0, cfg.b_samples, cfg.b_batch):
-                            loss = self._loss(samples[g][k : k + cfg.b_batch], hooked=names, w_glob=w_glob,
-                                              w_loc=cfg.b_w_loc)  # fmt: skip
-                            v = self._check(loss, f"stage B, group {g}, epoch {epoch}")
-                            self._step(loss, [self.opt_b, opt_s], first)
-                            first = False
+                            inputs = self._inputs(rows[k : k + cfg.b_batch], hooked=names, w_loc=cfg.b_w_loc,
+                                                  cache=teacher, key=k)  # fmt: skip
+                            v = self._train_step(runner, inputs, f"stage B, group {g}, epoch {epoch}")
                             losses.append(v)
                             bar.advance(postfix=f"g{g} loss {v:.4g}")
+                    self._note_loop(runner)
+                    del runner
                 self.report.stage_b[g] = [losses[0], sum(losses[-steps_per_epoch:]) / steps_per_epoch]
                 self.pos = {"stage": "B", "index": g + 1}
                 self._save()
@@ -283,30 +324,35 @@ class QuestFinetuner:
         cfg = self.cfg
         weights = _params_of(self.sensitive)
         hooked = sorted(n for n in self.sensitive if ".ff.net." in n) or sorted(self.sensitive)
-        self.opt_c = torch.optim.Adam(weights, lr=cfg.c_lr_weight) if weights else None
+        self.opt_c = torch.optim.Adam(weights, lr=cfg.c_lr_weight, capturable=self.capturable) if weights else None
         if self.opt_c is not None and self._pending_opt[1] is not None:
             self.opt_c.load_state_dict(self._pending_opt[1])
         quantizers = list(self.c_quantizers.values())
         steps = -(-cfg.c_samples // cfg.c_batch)
         bar = progress(total=(cfg.c_epochs - self.pos["index"]) * self.G * steps, description="stage C",
                        enabled=self.show)  # fmt: skip
-        first = self.pos["index"] == 0
+        # one scale optimizer and one step runner per group, kept over the epochs; the optimizer's state is zeroed
+        # at every (epoch, group), which is exactly a fresh Adam, so a captured graph stays valid
+        per_group: dict[int, tuple] = {}
+        self._first_step = True
         try:
             for epoch in range(self.pos["index"], cfg.c_epochs):
                 losses = []
                 for g in range(self.G):
                     rows = self.calib.draw(self._rows(g), cfg.c_samples, self.gen)  # fresh every (epoch, group)
                     scales = [q.scales[g] for q in quantizers]
-                    opt_s = torch.optim.Adam(scales, lr=cfg.c_lr_scale)  # fresh every (epoch, group)
-                    opts = [o for o in (self.opt_c, opt_s) if o is not None]
+                    if g not in per_group:
+                        opt_s = torch.optim.Adam(scales, lr=cfg.c_lr_scale, capturable=self.capturable)
+                        opts = [o for o in (self.opt_c, opt_s) if o is not None]
+                        body = self._body(opts, scales, hooked=hooked, w_glob=cfg.c_w_glob, w_loc=cfg.c_w_loc)
+                        per_group[g] = (opt_s, StepRunner(body, graph=self.graphs))
+                    opt_s, runner = per_group[g]
+                    _reset_adam_(opt_s)  # fresh every (epoch, group)
                     self._set_trainable(weights + scales)
                     with self.q.ctx.select(g):
                         for k in range(0, cfg.c_samples, cfg.c_batch):
-                            loss = self._loss(rows[k : k + cfg.c_batch], hooked=hooked, w_glob=cfg.c_w_glob,
-                                              w_loc=cfg.c_w_loc)  # fmt: skip
-                            v = self._check(loss, f"stage C, epoch {epoch}, group {g}")
-                            self._step(loss, opts, first)
-                            first = False
+                            inputs = self._inputs(rows[k : k + cfg.c_batch], hooked=hooked, w_loc=cfg.c_w_loc)
+                            v = self._train_step(runner, inputs, f"stage C, epoch {epoch}, group {g}")
                             losses.append(v)
                             bar.advance(postfix=f"e{epoch} g{g} loss {v:.4g}")
                 self.report.stage_c[epoch] = sum(losses) / len(losses)
@@ -314,6 +360,19 @@ class QuestFinetuner:
                 self._save()
         finally:
             bar.close()
+        for _, runner in per_group.values():
+            self._note_loop(runner)
+
+    def _note_loop(self, runner: StepRunner) -> None:
+        self.report.loops[runner.mode] = self.report.loops.get(runner.mode, 0) + 1
+
+
+def _reset_adam_(opt: torch.optim.Optimizer) -> None:
+    """Zero an Adam's moments and step count in place: the same as a fresh optimizer, same tensors."""
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                v.zero_()
 
 
 def _peak_memory_mib(device) -> float:

@@ -16,6 +16,7 @@ import logging
 import torch
 
 from quest_export.log import progress
+from quest_export.ptq.steps import graphs_usable, run_steps
 from quest_export.ptq.units import Unit, capture_inputs, channel_sq_error
 from quest_export.quant.model import QuantizedUNet, QuantMode
 from quest_export.quant.modules import QuantModule
@@ -51,11 +52,13 @@ def _unit_weights(unit: Unit) -> list[tuple[WeightQuantizer, torch.Tensor]]:
 
 
 def adaround_unit(unit: Unit, qunet: QuantizedUNet, inputs, target: torch.Tensor, *, iters: int, batch: int,
-                  lr: float, reg: float, device, seed: int) -> dict:  # fmt: skip
-    """Reconstruct one unit and harden its rounding. Returns {'before': err, 'after': err}."""
+                  lr: float, reg: float, device, seed: int, cuda_graphs: bool = True) -> dict:  # fmt: skip
+    """Reconstruct one unit and harden its rounding. Returns {'before': err, 'after': err, 'loop': graph|eager}."""
     pairs = _unit_weights(unit)
     gen = torch.Generator().manual_seed(seed)
     n = inputs.n
+    if iters <= 0:
+        raise ValueError("adaround_unit needs iters >= 1")  # internal: callers skip AdaRound at 0 iterations
 
     def recon(idx, hard=False):
         args, kwargs = inputs.select(idx, device)
@@ -72,25 +75,39 @@ def adaround_unit(unit: Unit, qunet: QuantizedUNet, inputs, target: torch.Tensor
     for wq, w in pairs:
         _init_alpha(wq, w)
     alphas = [wq.alpha for wq, _ in pairs]
-    opt = torch.optim.Adam(alphas, lr=lr)
+    graph = graphs_usable(device, cuda_graphs)
+    opt = torch.optim.Adam(alphas, lr=lr, capturable=alphas[0].is_cuda)  # on a GPU always: same numbers, graph or not
+    # the whole schedule up front, on the device: batch rows, beta and the regulariser switch per iteration
+    dev = alphas[0].device
+    idx_all = torch.randint(0, n, (iters, min(batch, n)), generator=gen).to(dev)
+    start = WARMUP * iters
+    frac = ((torch.arange(iters, dtype=torch.float32) - start) / max(1.0, (1 - WARMUP) * iters)).clamp(0, 1)
+    beta_all = (BETA_END + (BETA_START - BETA_END) * (1 - frac)).to(dev)
+    on_all = (torch.arange(iters) >= start).float().to(dev)
+    idx, beta, on = idx_all[0].clone(), beta_all[0].clone(), on_all[0].clone()
+
+    def prepare(it: int) -> None:
+        idx.copy_(idx_all[it])
+        beta.copy_(beta_all[it])
+        on.copy_(on_all[it])
+
+    def step() -> None:
+        loss = recon(idx)
+        rounding = sum((1 - (2 * rectified_sigmoid(a) - 1).abs().pow(beta)).sum() for a in alphas)
+        loss = loss + (reg * on) * rounding  # zero during the warm-up
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     with torch.enable_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
-        for it in range(iters):
-            idx = torch.randint(0, n, (min(batch, n),), generator=gen)
-            loss = recon(idx)
-            if it >= WARMUP * iters:
-                frac = (it - WARMUP * iters) / max(1.0, (1 - WARMUP) * iters)
-                beta = BETA_END + (BETA_START - BETA_END) * (1 - frac)
-                loss = loss + reg * sum((1 - (2 * rectified_sigmoid(a) - 1).abs().pow(beta)).sum() for a in alphas)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        loop = run_steps(step, prepare, iters, graph=graph)
     with torch.no_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
         after = recon(eval_idx, hard=True).item()  # hardens: rounding bits + w_int
-    return {"before": before, "after": after}
+    return {"before": before, "after": after, "loop": loop}
 
 
 def reconstruct_weights_(qunet: QuantizedUNet, units: list[Unit], batches, run_batch, targets: dict, *, iters: int,
-                         batch: int, lr: float, reg: float, device, store, seed: int = 0,
+                         batch: int, lr: float, reg: float, device, store, seed: int = 0, cuda_graphs: bool = True,
                          show_progress: bool = True) -> dict[str, dict]:  # fmt: skip
     """AdaRound every unit in execution order; units already frozen are skipped."""
     report: dict[str, dict] = {}
@@ -103,7 +120,7 @@ def reconstruct_weights_(qunet: QuantizedUNet, units: list[Unit], batches, run_b
             with torch.no_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
                 inputs = capture_inputs(qunet.unet, unit, batches, run_batch, store)
             report[unit.name] = adaround_unit(unit, qunet, inputs, targets[unit.name], iters=iters, batch=batch, lr=lr,
-                                              reg=reg, device=device, seed=seed + k)  # fmt: skip
+                                              reg=reg, device=device, seed=seed + k, cuda_graphs=cuda_graphs)  # fmt: skip
             r = report[unit.name]
             bar.advance(postfix=f"{unit.name}: {r['before']:.3g} -> {r['after']:.3g}")
     finally:
@@ -112,11 +129,12 @@ def reconstruct_weights_(qunet: QuantizedUNet, units: list[Unit], batches, run_b
 
 
 def reconstruct_act_scales_(qunet: QuantizedUNet, units: list[Unit], batches, run_batch, targets: dict, *,
-                            iters: int, batch: int, lr: float, device, store, seed: int = 0,
+                            iters: int, batch: int, lr: float, device, store, seed: int = 0, cuda_graphs: bool = True,
                             show_progress: bool = True) -> None:  # fmt: skip
     """Q-Diffusion's LSQ-style activation-scale reconstruction (shared scales, G = 1), unit by unit."""
     bar = progress(total=len(units), description="act-recon", enabled=show_progress)
     p = 2.4
+    graph = graphs_usable(device, cuda_graphs)
     try:
         for k, unit in enumerate(units):
             qs = [q for q in unit.module.modules() if isinstance(q, ActQuantizer)]
@@ -126,21 +144,28 @@ def reconstruct_act_scales_(qunet: QuantizedUNet, units: list[Unit], batches, ru
             with torch.no_grad(), qunet.mode(QuantMode.FULL):
                 inputs = capture_inputs(qunet.unet, unit, batches, run_batch, store)
             params = [q.scales[0] for q in qs]
-            opt = torch.optim.Adam(params, lr=lr)
+            opt = torch.optim.Adam(params, lr=lr, capturable=params[0].is_cuda)
             gen = torch.Generator().manual_seed(seed + k)
             target = targets[unit.name]
+            idx_all = torch.randint(0, inputs.n, (iters, min(batch, inputs.n)), generator=gen).to(params[0].device)
+            idx = idx_all[0].clone()
+
+            def prepare(it: int, idx=idx, idx_all=idx_all) -> None:
+                idx.copy_(idx_all[it])
+
+            def step(idx=idx, qs=qs, opt=opt, target=target, inputs=inputs, unit=unit) -> None:
+                args, kwargs = inputs.select(idx, device)
+                out = unit.module(*args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                loss = (out - target[idx].to(device)).abs().pow(p).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for q in qs:
+                    q.clamp_scales_()
+
             with torch.enable_grad(), qunet.mode(QuantMode.FULL):
-                for _ in range(iters):
-                    idx = torch.randint(0, inputs.n, (min(batch, inputs.n),), generator=gen)
-                    args, kwargs = inputs.select(idx, device)
-                    out = unit.module(*args, **kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    loss = (out - target[idx].to(device)).abs().pow(p).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    for q in qs:
-                        q.clamp_scales_()
+                run_steps(step, prepare, iters, graph=graph)
             bar.advance()
     finally:
         bar.close()

@@ -12,6 +12,7 @@ two PTQ baselines built from them (quest.md 7.1, 7.2).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,13 @@ class StageAReport:
     adaround: dict = field(default_factory=dict)  # unit -> {before, after} reconstruction error
     eps_mse: dict = field(default_factory=dict)  # group -> MSE(eps_q, eps_fp) on held rows
     units: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)  # sub-stage -> wall seconds
+
+
+def _elapsed(t0: float, device) -> float:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return round(time.time() - t0, 1)
 
 
 def run_unet(unet, x, t, cond):
@@ -144,18 +152,24 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
             targets = capture_outputs(qunet.unet, units, batches, run_batch, store)
         report.units = [u.name for u in units]
     if adaround and cfg.adaround_iters > 0:
+        t0 = time.time()
         with qunet.ctx.select(0):
             report.adaround = reconstruct_weights_(qunet, units, batches, run_batch, targets, iters=cfg.adaround_iters,
                                                    batch=cfg.adaround_batch, lr=cfg.adaround_lr, reg=cfg.adaround_reg,
                                                    device=device, store=store, seed=seed,
-                                                   show_progress=show_progress)  # fmt: skip
+                                                   cuda_graphs=cfg.cuda_graphs, show_progress=show_progress)  # fmt: skip
+        report.seconds["adaround"] = _elapsed(t0, device)
     qunet.freeze_weights()  # round to nearest where AdaRound did not run; w_int stored for all
+    t0 = time.time()
     init_activations_(qunet, calib, cfg, device=device, seed=seed, accumulate=method == "ptq", pooled=pooled,
                       show_progress=show_progress)  # fmt: skip
+    report.seconds["act_init"] = _elapsed(t0, device)
     if method == "qdiffusion" and cfg.act_recon_iters > 0:
+        t0 = time.time()
         with qunet.ctx.select(0):
             reconstruct_act_scales_(qunet, units, batches, run_batch, targets, iters=cfg.act_recon_iters,
                                     batch=cfg.adaround_batch, lr=cfg.act_recon_lr, device=device, store=store,
-                                    seed=seed, show_progress=show_progress)  # fmt: skip
+                                    seed=seed, cuda_graphs=cfg.cuda_graphs, show_progress=show_progress)  # fmt: skip
+        report.seconds["act_recon"] = _elapsed(t0, device)
     report.eps_mse = eps_mse_per_group(qunet, calib, device=device)
     return qunet, report

@@ -153,6 +153,7 @@ class PtqConfig:
     adaround_reg: float = 0.01  # lambda of the rounding regulariser
     act_recon_iters: int = 0  # Q-Diffusion activation-scale reconstruction (qdiffusion only)
     act_recon_lr: float = 4e-4
+    cuda_graphs: bool = True  # on a GPU, replay each reconstruction step as a CUDA graph (same math, less launching)
 
     def __post_init__(self) -> None:
         _check_choice(self, "weight_init", WEIGHT_INITS)
@@ -182,8 +183,8 @@ class FinetuneConfig:
     c_w_glob: float = 1.0
     c_w_loc: float = 0.0  # local loss on the hooked sensitive layers (0 = global only, the reference)
     c_layers: tuple[str, ...] | None = None  # globs of the Stage C weights; None = family default
-    interleave_groups: bool = False  # Stage B ablation: visit every group each epoch
     diverge_factor: float = 1e3  # loss above this multiple of the first loss counts as exploding
+    cuda_graphs: bool = True  # on a GPU, replay each finetuning step as a CUDA graph (same math, less launching)
     seed: int = 0
 
     def __post_init__(self) -> None:
