@@ -203,7 +203,7 @@ def export(run_dir, out, **opts):
 )
 @click.option("--from", "from_bundle", default=None, help="on the device: build the engine of this bundle")
 @click.option("--resume", is_flag=True, help="continue an interrupted quantization")
-@click.option("--force", multiple=True, help="redo these stages (calibrate, quantize, export, build, all)")
+@click.option("--force", multiple=True, help="redo these stages (calibrate, quantize, export, build, verify, all)")
 @click.option("--allow-experimental", is_flag=True, help="build cells not yet verified on hardware (with --from)")
 @guarded
 def build(backend, out, from_bundle, resume, force, allow_experimental, **opts):

@@ -153,6 +153,7 @@ class _Run:
         self.tag = f"{Path(recipe.model.name).name}-{q.method}-{q.name}"
         self.out = Path(out) if out else self.work / "engines" / "out" / f"{self.tag}-{recipe.target.id}"
         self.backend: str | None = None  # "trt": the engine must be built here
+        self.built_now: set[str] = set()  # stages computed (not reused) in this run
         self._model = None
 
     def model(self):
@@ -212,6 +213,8 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
             name
         ]
         path, reused, detail = fn(r, paths)
+        if not reused:
+            r.built_now.add(name)
         paths[name] = path
         res = StageResult(name=name, path=path, reused=reused, seconds=round(time.time() - t0, 1), detail=detail)
         summary.stages.append(res)
@@ -376,10 +379,23 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
 
 
 def _verify(r: _Run, paths):
+    """Verify the built folder; a passed verify.json of the same build and thresholds is reused."""
+    from quest_export.recipe.manifest import write_json_atomic
     from quest_export.verify.harness import verify_build
 
+    key = _key("verify", r.keys["build"], r.recipe.verify, r.backend)
+    vpath = paths["build"] / "verify.json"
+    if not ({"verify", "all"} & r.force) and "build" not in r.built_now and vpath.is_file():
+        try:
+            old = json.loads(vpath.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("stage_key") == key and old.get("passed") is True:
+            return paths["build"], True, old
     report = verify_build(paths["build"], recipe=r.recipe, quantized=paths["quantize"], calib=paths["calibrate"],
-                          device=r.device, show_progress=r.show)  # fmt: skip
+                          device=r.device, show_progress=r.show, write=False)  # fmt: skip
+    report["stage_key"] = key
+    write_json_atomic(vpath, report)
     return paths["build"], False, report
 
 

@@ -148,13 +148,16 @@ def test_second_run_reuses_every_stage(runs, work, name):
     t0 = time.monotonic()
     again = pipeline.run(first.recipe, work=work, show_progress=False)
     seconds = time.monotonic() - t0
-    assert {s.name: s.reused for s in again.stages} == {n: n != "verify" for n in pipeline.ALL}
+    assert {s.name: s.reused for s in again.stages} == {n: True for n in pipeline.ALL}
     assert [s.path for s in again.stages] == [s.path for s in first.stages]
-    assert again.verify["passed"] is True
-    reused = sum(s.seconds for s in again.stages if s.reused)
-    built = sum(s.seconds for s in first.stages if s.name != "verify")
+    assert again.verify["passed"] is True and again.verify == first.verify
+    reused = sum(s.seconds for s in again.stages)
+    built = sum(s.seconds for s in first.stages)
     assert reused < REUSE_MAX_FRACTION * built, (reused, built)
     assert seconds < first_seconds / 3, (seconds, first_seconds)
+    forced = pipeline.run(first.recipe, work=work, show_progress=False, force=("verify",))
+    assert {s.name: s.reused for s in forced.stages} == {n: n != "verify" for n in pipeline.ALL}
+    assert forced.verify["passed"] is True
 
 
 def test_nothing_lands_in_the_repository(runs, repo_before):
