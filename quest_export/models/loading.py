@@ -198,7 +198,13 @@ def load_model(
     cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}[info.class_name]
     variant = None if (info.unet_dir / WEIGHT_FILES[0]).is_file() else "fp16"
     try:
-        unet = cls.from_pretrained(str(info.unet_dir), torch_dtype=torch.float32, variant=variant, use_safetensors=True)
+        unet = cls.from_pretrained(
+            str(info.unet_dir),
+            torch_dtype=torch.float32,
+            variant=variant,
+            use_safetensors=True,
+            low_cpu_mem_usage=False,
+        )  # small models; also silences the hint to install accelerate
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load the UNet weights in {info.unet_dir}: {first}") from None
