@@ -9,8 +9,8 @@ that ``prepare(it)`` fills before every replay, and the optimizer must be create
 ``capturable=True``.
 
 A step that cannot be captured (an op that synchronises with the host, say) falls back to the
-eager loop with a warning; the numbers are the same either way up to floating-point
-non-determinism of the GPU kernels.
+eager loop with a warning. The callers use capturable Adam on every GPU run, graphs or not, so
+both loops compute the same numbers (tests/ptq/test_cuda_graphs.py, `make test-gpu`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class StepRunner:
     For loops whose inputs change every step (finetuning on calibration batches): each call copies
     its inputs into static buffers, and once ``WARMUP`` eager calls have run on a side stream the
     body is captured; later calls of the same shapes replay it. Inputs of another shape (a short
-    last batch) run eagerly. ``mode`` says what ran the bulk: 'graph' or 'eager'.
+    last batch) run eagerly. ``mode`` is 'graph' once a capture succeeded, else 'eager'.
     """
 
     def __init__(self, body: Callable[..., torch.Tensor], *, graph: bool) -> None:
@@ -83,7 +83,7 @@ class StepRunner:
         self.loss: torch.Tensor | None = None
         self._g: torch.cuda.CUDAGraph | None = None
         self._eager = 0
-        self.mode = "graph" if graph else "eager"
+        self.mode = "eager"  # 'graph' once a capture succeeded
 
     def __call__(self, inputs: list) -> torch.Tensor:
         if not self.graph:
@@ -109,10 +109,10 @@ class StepRunner:
             try:
                 with torch.cuda.graph(g):
                     self.loss = self.body(*self.static)  # recorded, not executed
-                self._g = g
+                self._g, self.mode = g, "graph"
             except Exception as e:  # noqa: BLE001 - any capture refusal means: run eagerly
                 log.warning("CUDA graph capture failed (%s); running these steps eagerly",
                             str(e).splitlines()[0][:200])  # fmt: skip
                 torch.cuda.synchronize()
-                self.graph, self.mode = False, "eager"
+                self.graph = False
         return loss
