@@ -295,8 +295,12 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             lines = "; ".join(f"{v.rule_id} {v.node}: {v.message}" for v in report.errors[:5])
             raise ExportError(f"refusing to write a graph that breaks {len(report.errors)} rule(s) of target "
                               f"'{target.id}': {lines} (run `quest-export lint` on it for the full report)")  # fmt: skip
-        for w in report.warnings:
-            log.info("lint warning %s %s: %s", w.rule_id, w.node, w.message)
+        by_rule: dict[str, list] = {}
+        for w in report.warnings:  # one line per rule; `quest-export lint` prints every node
+            by_rule.setdefault(w.rule_id, []).append(w)
+        for rule, ws in by_rule.items():
+            more = f" (and {len(ws) - 1} more node(s); `quest-export lint` lists them)" if len(ws) > 1 else ""
+            log.info("lint warning %s %s: %s%s", rule, ws[0].node, ws[0].message, more)
         models.append(m)
     # references: fake-quant with the exported numerics, and the original float model
     float_model = load_model(art.meta["model"]["name"], cond=art.meta["model"].get("cond"))
