@@ -30,35 +30,15 @@ def graphs_usable(device, enabled: bool) -> bool:
 
 
 def run_steps(step: Callable[[], None], prepare: Callable[[int], None], iters: int, *, graph: bool) -> str:
-    """Run ``prepare(it); step()`` for it in range(iters). Returns 'graph' or 'eager' (what ran the bulk)."""
-    if not graph or iters <= WARMUP + 1:
-        for it in range(iters):
-            prepare(it)
-            step()
-        return "eager"
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for it in range(WARMUP):
-            prepare(it)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            step()  # recorded, not executed
-    except Exception as e:  # noqa: BLE001 - any capture refusal means: run eagerly
-        log.warning("CUDA graph capture failed (%s); running these steps eagerly", str(e).splitlines()[0][:200])
-        torch.cuda.synchronize()
-        for it in range(WARMUP, iters):
-            prepare(it)
-            step()
-        return "eager"
-    for it in range(WARMUP, iters):
+    """Run ``prepare(it); step()`` for it in range(iters). Returns 'graph' or 'eager' (what ran the bulk).
+
+    ``step`` reads static buffers that ``prepare`` fills, so it takes no inputs of its own.
+    """
+    runner = StepRunner(step, graph=graph)
+    for it in range(iters):
         prepare(it)
-        g.replay()
-    del g
-    return "graph"
+        runner([])
+    return runner.mode
 
 
 def _same_shapes(a: list, b: list) -> bool:
@@ -77,7 +57,7 @@ class StepRunner:
     last batch) run eagerly. ``mode`` is 'graph' once a capture succeeded, else 'eager'.
     """
 
-    def __init__(self, body: Callable[..., torch.Tensor], *, graph: bool) -> None:
+    def __init__(self, body: Callable[..., torch.Tensor | None], *, graph: bool) -> None:
         self.body, self.graph = body, graph
         self.static: list | None = None
         self.loss: torch.Tensor | None = None
@@ -85,7 +65,7 @@ class StepRunner:
         self._eager = 0
         self.mode = "eager"  # 'graph' once a capture succeeded
 
-    def __call__(self, inputs: list) -> torch.Tensor:
+    def __call__(self, inputs: list) -> torch.Tensor | None:
         if not self.graph:
             return self.body(*inputs)
         if self.static is None:

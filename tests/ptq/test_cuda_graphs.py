@@ -39,11 +39,8 @@ def calib():
 
 
 def _stage_a(calib, graphs: bool):
-    model = tiny_model("cond")
-    teacher = copy.deepcopy(model.unet).cuda()
     ptq = PtqConfig(adaround_iters=60, adaround_batch=8, act_batch=8, cuda_graphs=graphs)
-    qunet, rep = run_stage_a(model, calib, QUANT, ptq, groups=3, device="cuda", show_progress=False)
-    return qunet, teacher, rep
+    return run_stage_a(tiny_model("cond"), calib, QUANT, ptq, groups=3, device="cuda", show_progress=False)
 
 
 def _codes(qunet) -> dict[str, torch.Tensor]:
@@ -52,8 +49,8 @@ def _codes(qunet) -> dict[str, torch.Tensor]:
 
 def test_adaround_graph_replay_matches_eager(calib):
     torch.manual_seed(0)
-    qe, _, re_ = _stage_a(calib, graphs=False)
-    qg, _, rg = _stage_a(calib, graphs=True)
+    qe, re_ = _stage_a(calib, graphs=False)
+    qg, rg = _stage_a(calib, graphs=True)
     assert {r["loop"] for r in re_.adaround.values()} == {"eager"}
     assert {r["loop"] for r in rg.adaround.values()} == {"graph"}, "capture fell back to eager"
     ce, cg = _codes(qe), _codes(qg)
@@ -67,7 +64,7 @@ def test_adaround_graph_replay_matches_eager(calib):
 
 
 def test_finetune_graph_replay_matches_eager(calib, tmp_path):
-    qunet, _, _ = _stage_a(calib, graphs=False)
+    qunet, _ = _stage_a(calib, graphs=False)
     m = tiny_model("cond")
     path = save_quantized(qunet, tmp_path / "stage_a", recipe_fingerprint="f1" * 32, quant=QUANT, sampler=m.info.sampling,
                           model_ref={"name": m.name, "cond": None, "hash": m.source_hash})  # fmt: skip
