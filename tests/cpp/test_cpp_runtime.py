@@ -259,16 +259,20 @@ def _assert_close(got, ref, rtol, atol_rel, what):
     assert not bad.any(), f"{what}: {bad.sum()} elements differ; max abs err {err.max():.3e} (atol {atol:.3e})"
 
 
-@pytest.mark.parametrize("case", sorted(DDIM_CASES))
-def test_ddim_matches_diffusers(build, tmp_path, case):
+def _ddim_case(build, tmp_path, case):
+    """The C++ DDIM run of one case: (cfg, steps, eta, x, eps, z, cpp timesteps, cpp outputs)."""
     spec = DDIM_CASES[case]
     cfg, steps, eta = spec["cfg"], spec["steps"], spec["eta"]
     diffusers = pytest.importorskip("diffusers")
     s = diffusers.DDIMScheduler.from_config(cfg)
     s.set_timesteps(steps)
-    n = len(s.timesteps)
-    x, eps, z = _ddim_inputs(tmp_path, cfg, steps, eta, n)
-    ts_cpp, out_cpp = _cpp_ddim(build, tmp_path, steps, eta, z is not None)
+    x, eps, z = _ddim_inputs(tmp_path, cfg, steps, eta, len(s.timesteps))
+    return (cfg, steps, eta, x, eps, z, *_cpp_ddim(build, tmp_path, steps, eta, z is not None))
+
+
+@pytest.mark.parametrize("case", sorted(DDIM_CASES))
+def test_ddim_matches_diffusers(build, tmp_path, case):
+    cfg, steps, eta, x, eps, z, ts_cpp, out_cpp = _ddim_case(build, tmp_path, case)
     ts_ref, out_ref = _diffusers_ddim(cfg, steps, eta, x, eps, z)
     np.testing.assert_array_equal(ts_cpp, ts_ref, err_msg="timesteps differ from diffusers' set_timesteps")
     _assert_close(out_cpp, out_ref, DDIM_RTOL, DDIM_ATOL_REL, f"DDIM {case} vs diffusers")
@@ -276,13 +280,7 @@ def test_ddim_matches_diffusers(build, tmp_path, case):
 
 @pytest.mark.parametrize("case", sorted(DDIM_CASES))
 def test_ddim_matches_python_runtime_scheduler(build, tmp_path, case):
-    spec = DDIM_CASES[case]
-    cfg, steps, eta = spec["cfg"], spec["steps"], spec["eta"]
-    diffusers = pytest.importorskip("diffusers")
-    s = diffusers.DDIMScheduler.from_config(cfg)
-    s.set_timesteps(steps)
-    x, eps, z = _ddim_inputs(tmp_path, cfg, steps, eta, len(s.timesteps))
-    ts_cpp, out_cpp = _cpp_ddim(build, tmp_path, steps, eta, z is not None)
+    cfg, steps, eta, x, eps, z, ts_cpp, out_cpp = _ddim_case(build, tmp_path, case)
     ts_ref, out_ref = _numpy_runtime_ddim(cfg, steps, eta, x, eps, z)
     np.testing.assert_array_equal(ts_cpp, ts_ref)
     _assert_close(out_cpp, out_ref, 0.0, NUMPY_REF_ATOL_REL, f"DDIM {case} vs quest_export.runtime.schedulers")
