@@ -20,7 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# row name -> (method, bits, extra --set overrides, target)
+# row name -> (method, bits, extra --set overrides, target[, model])
+SYM = ["quant.a_symmetric=true", "quant.w_symmetric=true"]  # the TensorRT form (W4A4's default before)
+
+
+def _sym_w4a4(rows: dict) -> dict:
+    """Rows measured when W4A4 was symmetric everywhere keep that grid (a later asymmetric --set still wins)."""
+    return {k: (r[0], r[1], SYM + list(r[2]) if r[1] == "w4a4" else r[2], *r[3:]) for k, r in rows.items()}
+
+
 STANDARD = {f"{m}-{b}": (m, b, [], "cpu") for m in ("ptq", "qdiffusion", "quest") for b in ("w8a8", "w4a8", "w4a4")}
 ABLATION = {
     "quest-w4a4-stageB-only": ("quest", "w4a4", ["finetune.stage_c=false"], "cpu"),
@@ -62,14 +70,41 @@ EXTRA = {  # three seeds, local + global, asymmetric grids at W8A8 and W4A4, and
     **{f"cond/{k}": (*ASYM[k], "fmnist-cond") for k in ("quest-w8a8-asym", "quest-w4a4-asym")},
     **{f"uncond/{m}-w8a8": (m, "w8a8", [], "cpu", "fmnist-uncond") for m in ("ptq", "qdiffusion", "quest")},
 }  # fmt: skip
+SEEDS3 = [[], ["calib.seed=1", "finetune.seed=1"], ["calib.seed=2", "finetune.seed=2"]]
+LR10 = ["finetune.b_lr_weight=1e-4", "finetune.b_lr_scale=1e-4", "finetune.c_lr_weight=1e-4",
+        "finetune.c_lr_scale=1e-3"]  # fmt: skip
+ASYM_A = ["quant.a_symmetric=false", "quant.w_symmetric=false"]  # asymmetric grids: W4A4's default on ONNX Runtime
+MODELS = (("cond", "fmnist-cond"), ("uncond", "fmnist-uncond"))
+SEEDS = {  # W4A4, three whole-pipeline seeds (calibration draw, AdaRound, finetuning) of every row, both models
+    **{f"{tag}/{name}-s{k}": (m, "w4a4", SYM + extra + sd, "cpu", model)
+       for tag, model in MODELS
+       for name, m, extra in (("qdiffusion-w4a4", "qdiffusion", []), ("quest-w4a4", "quest", []),
+                              ("quest-w4a4-lr10", "quest", LR10))
+       for k, sd in enumerate(SEEDS3)},
+}  # fmt: skip
+SEEDS_ASYM = {
+    f"{tag}/{m}-w4a4-asym-s{k}": (m, "w4a4", ASYM_A + sd, "cpu", model)
+    for tag, model in MODELS
+    for m in ("qdiffusion", "quest")
+    for k, sd in enumerate(SEEDS3)
+}  # fmt: skip
+SEEDS_PTQ = {
+    f"{tag}/ptq-w4a4-{grid}-s{k}": ("ptq", "w4a4", sets + sd, "cpu", model)
+    for tag, model in MODELS
+    for grid, sets in (("sym", SYM), ("asym", ASYM_A))
+    for k, sd in enumerate(SEEDS3)
+}  # fmt: skip
 ROWSETS = {
-    "standard": STANDARD,
-    "ablation": ABLATION,
+    "standard": STANDARD,  # W4A4 on the default grid (asymmetric on the `cpu` target); three seeds: seeds-*
+    "ablation": _sym_w4a4(ABLATION),
     "asym": ASYM,
     "trt": TRT,
-    "w4a4x": W4A4X,
-    "final": FINAL,
-    "extra": EXTRA,
+    "w4a4x": _sym_w4a4(W4A4X),
+    "final": _sym_w4a4(FINAL),
+    "extra": _sym_w4a4(EXTRA),
+    "seeds": SEEDS,
+    "seeds-asym": SEEDS_ASYM,
+    "seeds-ptq": SEEDS_PTQ,
 }
 
 
@@ -151,6 +186,14 @@ def main() -> None:
             continue
         results[key] = pipeline.evaluate(recipe, n=args.n, seed=args.seed, grid=str(out_dir / f"{model}-float.png"))
         print(f"{key}: FD {results[key]['fd']} agreement {results[key]['class_agreement']}", flush=True)
+    # rows with their own calibration draw (calib.* sets): calibrate each once here, never in racing workers
+    extra_calib = sorted({(r[4] if len(r) > 4 else args.model, tuple(x for x in r[2] if x.startswith("calib.")))
+                          for r in rows.values()})  # fmt: skip
+    for model, csets in extra_calib:
+        if csets:
+            recipe = pipeline.resolve_recipe(model=model, preset=args.preset, sets=tuple(args.set) + csets)
+            pipeline.run(recipe, stages=("calibrate",), work=args.work, show_progress=False)
+            print(f"{model} {' '.join(csets)}: calibrated", flush=True)
     procs: list[tuple[str, subprocess.Popen]] = []
     pending = list(rows.items())
     env = {**os.environ, "QUEST_EXPORT_NO_PROGRESS": "1"}
@@ -182,6 +225,8 @@ def main() -> None:
 def markdown(results: dict) -> str:
     lines = ["| row | FD | class agreement | quantize s | peak MiB |", "|---|---|---|---|---|"]
     for name, r in results.items():
+        if not isinstance(r, dict):  # per-model calibration seconds
+            continue
         if name.endswith("float"):
             lines.append(f"| {name} | {r['fd']:.2f} | {_pct(r['class_agreement'])} | - | - |")
             continue

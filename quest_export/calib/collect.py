@@ -9,6 +9,7 @@ draws over trajectories, never "the first n" (quest.md 3.1, 3.3).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -67,8 +68,19 @@ class CalibrationSet:
             return rows[torch.randperm(rows.numel(), generator=generator)[:n]]
         return rows[torch.randint(0, rows.numel(), (n,), generator=generator)]
 
+    def to(self, device: str | torch.device) -> CalibrationSet:
+        """A copy whose model inputs and targets live on ``device`` (row bookkeeping stays on the CPU).
+
+        Finetuning on a GPU gathers every batch from it without a blocking host-to-device copy per step.
+        """
+        move = {k: getattr(self, k).to(device) for k in ("x", "t", "cond_index", "eps")}
+        table = None if self.cond_table is None else self.cond_table.to(device)
+        return dataclasses.replace(self, **move, cond_table=table)
+
     def batch(self, idx: torch.Tensor, device: str | torch.device = "cpu"):
         """(x, t, cond or None, eps) for rows idx, on ``device``."""
+        if self.x.device.type != "cpu":
+            idx = idx.to(self.x.device, non_blocking=True)
         cond = None if self.cond_table is None else self.cond_table[self.cond_index[idx]].to(device)
         return self.x[idx].to(device), self.t[idx].to(device), cond, self.eps[idx].to(device)
 

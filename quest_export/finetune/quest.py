@@ -43,6 +43,14 @@ STAGE_C_LAYERS = {
     "uncond": ("*attentions.*.to_q", "*attentions.*.to_k", "*attentions.*.to_v"),
 }
 CKPT_NAME = "finetune_ckpt.pt"
+# On a GPU the losses of this many steps are read back (and checked) at once: one host sync per block of steps,
+# not one per step. Every group (B) and (epoch, group) (C) ends with a check, before any checkpoint is written.
+CHECK_EVERY = 50
+
+
+def check_interval(device) -> int:
+    """Steps per loss read-back: every step on a CPU (a read costs nothing there), CHECK_EVERY elsewhere."""
+    return 1 if str(device) == "cpu" else CHECK_EVERY
 
 
 @dataclass
@@ -112,7 +120,8 @@ class QuestFinetuner:
     def __init__(self, qunet: QuantizedUNet, teacher: torch.nn.Module, calib: CalibrationSet, cfg: FinetuneConfig, *,
                  family: str, device, ckpt_dir: str | Path | None = None, pooled: bool = False,
                  show_progress: bool = True) -> None:  # fmt: skip
-        self.q, self.teacher, self.calib, self.cfg = qunet, teacher.eval().requires_grad_(False), calib, cfg
+        self.q, self.teacher, self.cfg = qunet, teacher.eval().requires_grad_(False), cfg
+        self.calib = calib if str(device) == "cpu" else calib.to(device)  # batches gathered on the device
         self.device, self.pooled, self.show = device, pooled, show_progress
         self.ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
         self.G = qunet.ctx.count
@@ -127,6 +136,9 @@ class QuestFinetuner:
         self.opt_c: torch.optim.Optimizer | None = None
         self._first_loss: float | None = None
         self._first_step = True  # the first step of the run checks that every trainable tensor gets a gradient
+        self._pending: list[tuple[torch.Tensor, str]] = []  # (loss, where) of steps not yet read back
+        self._losses: list[float] = []  # losses read back since the stage loop last took them
+        self.check_every = check_interval(device)
         self.graphs = graphs_usable(device, cfg.cuda_graphs)
         # capturable Adam on every GPU run, graphs or not: its update arithmetic differs from the default one in the
         # last bits, so this keeps `cuda_graphs` a pure speed switch (same numbers either way)
@@ -190,12 +202,31 @@ class QuestFinetuner:
 
         return body
 
-    def _train_step(self, runner: StepRunner, inputs: list, where: str) -> float:
-        """Run one step; stop with a clear message when the loss explodes."""
-        return self._check(runner(inputs), where)
+    def _train_step(self, runner: StepRunner, inputs: list, where: str) -> None:
+        """Run one step. Its loss is checked when read back (``_flush``): at once on a CPU, in blocks on a GPU."""
+        loss = runner(inputs)
+        self._pending.append((loss.detach().clone(), where))  # a replayed graph overwrites its own loss tensor
+        if len(self._pending) >= self.check_every:
+            self._flush()
 
-    def _check(self, loss: torch.Tensor, where: str) -> float:
-        v = loss.item()
+    def _flush(self) -> list[float]:
+        """Read back the pending losses (one sync), stop at the first bad one; returns every loss read so far."""
+        if self._pending:
+            vals = torch.stack([v.reshape(()) for v, _ in self._pending]).tolist()
+            pending, self._pending = self._pending, []
+            for v, (_, where) in zip(vals, pending):
+                self._losses.append(self._check(v, where))
+        return self._losses
+
+    def _take_losses(self) -> list[float]:
+        out = self._flush()
+        self._losses = []
+        return out
+
+    def _last_loss(self) -> str:
+        return f"{self._losses[-1]:.4g}" if self._losses else "…"
+
+    def _check(self, v: float, where: str) -> float:
         if self._first_loss is None:
             self._first_loss = v
         if not math.isfinite(v) or v > self.cfg.diverge_factor * max(self._first_loss, 1e-12):
@@ -300,7 +331,6 @@ class QuestFinetuner:
                           if self.temporal[n].input_quantizer is not None]  # fmt: skip
                 opt_s = torch.optim.Adam(scales, lr=cfg.b_lr_scale, capturable=self.capturable)  # fresh for every group
                 self._set_trainable(weights + scales)
-                losses = []
                 teacher: dict = {}  # the group's samples come back every epoch: the teacher runs once per batch
                 with self.q.ctx.select(g):
                     runner = StepRunner(self._body([self.opt_b, opt_s], scales, hooked=names, w_glob=w_glob,
@@ -309,11 +339,11 @@ class QuestFinetuner:
                         for k in range(0, cfg.b_samples, cfg.b_batch):
                             inputs = self._inputs(rows[k : k + cfg.b_batch], hooked=names, w_loc=cfg.b_w_loc,
                                                   cache=teacher, key=k)  # fmt: skip
-                            v = self._train_step(runner, inputs, f"stage B, group {g}, epoch {epoch}")
-                            losses.append(v)
-                            bar.advance(postfix=f"g{g} loss {v:.4g}")
+                            self._train_step(runner, inputs, f"stage B, group {g}, epoch {epoch}")
+                            bar.advance(postfix=f"g{g} loss {self._last_loss()}")
                     self._note_loop(runner)
                     del runner
+                losses = self._take_losses()
                 self.report.stage_b[g] = [losses[0], sum(losses[-steps_per_epoch:]) / steps_per_epoch]
                 self.pos = {"stage": "B", "index": g + 1}
                 self._save()
@@ -352,9 +382,9 @@ class QuestFinetuner:
                     with self.q.ctx.select(g):
                         for k in range(0, cfg.c_samples, cfg.c_batch):
                             inputs = self._inputs(rows[k : k + cfg.c_batch], hooked=hooked, w_loc=cfg.c_w_loc)
-                            v = self._train_step(runner, inputs, f"stage C, epoch {epoch}, group {g}")
-                            losses.append(v)
-                            bar.advance(postfix=f"e{epoch} g{g} loss {v:.4g}")
+                            self._train_step(runner, inputs, f"stage C, epoch {epoch}, group {g}")
+                            bar.advance(postfix=f"e{epoch} g{g} loss {self._last_loss()}")
+                    losses += self._take_losses()  # checked before the group's scale optimizer is reset
                 self.report.stage_c[epoch] = sum(losses) / len(losses)
                 self.pos = {"stage": "C", "index": epoch + 1}
                 self._save()

@@ -25,7 +25,6 @@ from quest_export.quant.quantizer import (
     ADAROUND_ZETA,
     ActQuantizer,
     WeightQuantizer,
-    rectified_sigmoid,
 )
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,9 @@ WARMUP, BETA_START, BETA_END = 0.2, 20.0, 2.0
 
 def _init_alpha(wq: WeightQuantizer, w: torch.Tensor) -> None:
     """alpha such that h(alpha) equals the fractional part of W / Delta."""
-    frac = (w.detach() / wq.scale - torch.floor(w.detach() / wq.scale)).clamp(0.01, 0.99)
+    v = w.detach() / wq.scale
+    wq.alpha_floor = torch.floor(v)  # W and Delta stay fixed while alpha trains
+    frac = (v - wq.alpha_floor).clamp(0.01, 0.99)
     alpha = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1)
     wq.alpha = torch.nn.Parameter(alpha)
 
@@ -92,8 +93,8 @@ def adaround_unit(unit: Unit, qunet: QuantizedUNet, inputs, target: torch.Tensor
         on.copy_(on_all[it])
 
     def step() -> None:
-        loss = recon(idx)
-        rounding = sum((1 - (2 * rectified_sigmoid(a) - 1).abs().pow(beta)).sum() for a in alphas)
+        loss = recon(idx)  # sets each quantizer's soft_h = h(alpha), which the regulariser reuses
+        rounding = sum((1 - (2 * wq.soft_h - 1).abs().pow(beta)).sum() for wq, _ in pairs)
         loss = loss + (reg * on) * rounding  # zero during the warm-up
         opt.zero_grad(set_to_none=True)
         loss.backward()

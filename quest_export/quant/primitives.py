@@ -45,15 +45,58 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
 
 
 def fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float | None, qmin: int, qmax: int
 ) -> torch.Tensor:
     """DequantizeLinear(QuantizeLinear(x)) with straight-through gradients for x and the scale.
 
     The scale receives the LSQ-style gradient (round(x/s) - x/s inside the range, q_min/q_max
-    minus z where clamped) through plain autograd; no gradient-scale factor.
+    minus z where clamped); no gradient-scale factor. ``zero_point`` None (or 0.0) is a
+    symmetric grid. Both paths compute the same forward values, equal to ONNX Q/DQ element for
+    element (a symmetric code 0 may come back as -0.0 where DequantizeLinear gives +0.0; they
+    compare equal and every downstream sum is the same).
     """
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    z = None if zero_point is None or (isinstance(zero_point, (int, float)) and zero_point == 0) else zero_point
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _FakeQuantSTE.apply(x, scale, z, qmin, qmax)
+    with torch.no_grad():
+        q = torch.round(x / scale)
+        if z is not None:
+            q = q.add_(z)
+        q = q.clamp_(qmin, qmax)
+        return (q.sub_(z) if z is not None else q).mul_(scale)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """``fake_quant`` for training, its gradients written out (about half the kernels of plain autograd).
+
+    With v = x / s, r = round(v) + z, q = clamp(r, q_min, q_max), inside = (q == r):
+        d out / d x = inside                    (straight through, 0 where clamped)
+        d out / d s = (q - z) - inside * v      (LSQ, summed over the broadcast dimensions of s)
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        v = x / scale
+        r = torch.round(v)
+        if zero_point is not None:
+            r = r.add_(zero_point)
+        q = torch.clamp(r, qmin, qmax)
+        inside = q == r
+        qz = q.sub_(zero_point) if zero_point is not None else q
+        out = qz * scale
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(inside, torch.where(inside, qz - v, qz))
+            ctx.scale_shape = scale.shape
+        else:
+            ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside = ctx.saved_tensors[0]
+        gx = torch.where(inside, grad, 0.0) if ctx.needs_input_grad[0] else None
+        gs = (grad * ctx.saved_tensors[1]).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        return gx, gs, None, None, None
 
 
 def symmetric_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:

@@ -44,7 +44,10 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("rounding", torch.zeros(0, dtype=torch.int8))  # hardened AdaRound bits h
         self.register_buffer("w_int", torch.zeros(0, dtype=torch.int8))  # frozen integer weights
         self.alpha: nn.Parameter | None = None  # AdaRound logits, only during reconstruction
+        self.alpha_floor: torch.Tensor | None = None  # floor(W / Delta), fixed while alpha trains
+        self.soft_h: torch.Tensor | None = None  # h(alpha) of the last soft forward (the AdaRound regulariser reads it)
         self.enabled = True
+        self._dequant: tuple | None = None  # (key, W_hat) of a frozen quantizer: computed once, not every forward
 
     @property
     def frozen(self) -> bool:
@@ -52,35 +55,57 @@ class WeightQuantizer(nn.Module):
 
     def integer_codes(self, w: torch.Tensor, *, hard: bool = False) -> torch.Tensor:
         """Integer codes of latent weight w (as floats, with straight-through gradients)."""
-        v = w / self.scale
         if self.alpha is not None:
-            h = (self.alpha >= 0).to(v.dtype) if hard else rectified_sigmoid(self.alpha)
-            q = torch.floor(v) + h
-        elif self.rounding.numel():
+            base = self.alpha_floor if self.alpha_floor is not None else torch.floor(w / self.scale)
+            if hard:
+                h = (self.alpha >= 0).to(base.dtype)
+            else:
+                h = self.soft_h = rectified_sigmoid(self.alpha)
+            return self._clamp(base + h)
+        v = w / self.scale
+        if self.rounding.numel():
             q = floor_ste(v) + self.rounding.to(v.dtype)
         else:
             q = round_ste(v)
-        return torch.clamp(q + self.zero_point, self.qmin, self.qmax)
+        return self._clamp(q)
+
+    def _clamp(self, q: torch.Tensor) -> torch.Tensor:
+        """clamp(q + z) onto the grid; a symmetric grid's z is 0 (two kernels fewer per step)."""
+        return torch.clamp(q if self.symmetric else q + self.zero_point, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
         if self.frozen:
-            return (self.w_int.to(w.dtype) - self.zero_point) * self.scale
-        return (self.integer_codes(w) - self.zero_point) * self.scale
+            return self._frozen_weight(w.dtype)
+        q = self.integer_codes(w)
+        return (q if self.symmetric else q - self.zero_point) * self.scale
+
+    def _frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(W_int - z) * Delta, cached until W_int, Delta or z change (in place or replaced)."""
+        if torch.is_inference_mode_enabled() or self.w_int.is_inference():
+            return (self.w_int.to(dtype) - self.zero_point) * self.scale  # inference tensors have no version counter
+        srcs = (self.w_int, self.scale, self.zero_point)
+        key = (srcs, tuple(t._version for t in srcs), dtype)  # the tensors themselves (not ids) and their versions
+        c = self._dequant
+        if c is None or c[0][2] != dtype or c[0][1] != key[1] or any(a is not b for a, b in zip(c[0][0], srcs)):
+            with torch.no_grad():
+                self._dequant = (key, (self.w_int.to(dtype) - self.zero_point) * self.scale)
+        return self._dequant[1]
 
     @torch.no_grad()
     def freeze(self, w: torch.Tensor) -> None:
         """Compute and store W_int from the current latent weight (hardening AdaRound if active)."""
         if self.alpha is not None:
             self.rounding = (self.alpha >= 0).to(torch.int8)
-            self.alpha = None
+        self.alpha = self.alpha_floor = self.soft_h = self._dequant = None
         dtype = torch.int32 if self.bits > 8 else (torch.int8 if self.symmetric else torch.uint8)
         self.w_int = self.integer_codes(w.detach()).to(dtype)
 
     def unfreeze(self) -> None:
         """Drop W_int so that the latent weight trains (Stage B/C); ``freeze`` again at the end."""
         self.w_int = torch.zeros(0, dtype=torch.int8, device=self.scale.device)
+        self._dequant = None
 
     def extra_repr(self) -> str:
         grid = "sym" if self.symmetric else "asym"
@@ -154,7 +179,7 @@ class ActQuantizer(nn.Module):
             return x
         g = self._group()
         s = self._shape(self.scales[g], x)
-        z = self._shape(self.zero_points[g], x)
+        z = None if self.symmetric or self.zero_anchored else self._shape(self.zero_points[g], x)  # else z = 0
         return fake_quant(x, s, z, self.qmin, self.qmax)
 
     # -- calibration ------------------------------------------------------------------------

@@ -362,6 +362,30 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(base, tmp_path, monk
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_losses_read_back_in_blocks_change_nothing(base, tmp_path, monkeypatch):
+    """On a GPU losses are read back every CHECK_EVERY steps: same weights and report; a NaN is still caught at
+    its own step, before the group's checkpoint is written."""
+    qa, _, rep_a = run(base, SMALL)
+    monkeypatch.setattr(quest_mod, "check_interval", lambda device: 4)  # > the steps of a Stage-B group
+    qb, _, rep_b = run(base, SMALL)
+    sa, sb = qa.unet.state_dict(), qb.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert rep_b.stage_b == rep_a.stage_b and rep_b.stage_c == rep_a.stage_c
+    hashes = {}
+
+    def poison(self, n):
+        assert self.check_every == 4
+        hashes[n] = sha256(self.ckpt)
+        if n == 1:
+            layer = next(m for m in self.q.layers().values() if m.spec.role == "temporal")
+            layer.input_quantizer.scales[1].data.fill_(math.nan)
+
+    _interrupt_after_saves(monkeypatch, 0, after_save=poison)
+    with pytest.raises(TrainingDivergedError, match="at stage B, group 1, epoch 0 "):
+        run(base, SMALL, ckpt_dir=tmp_path)
+    assert list(hashes) == [1] and sha256(tmp_path / CKPT_NAME) == hashes[1]
+
+
 def test_exploding_loss_raises_and_names_the_checkpoint(base, tmp_path, monkeypatch):
     """A scale learning rate of 1e6 in Stage C drives the loss past diverge_factor * the first loss.
 

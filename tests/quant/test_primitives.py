@@ -195,3 +195,39 @@ def test_asymmetric_params_range_always_includes_zero():
     assert z.item() == 255 and s.item() == pytest.approx(5.0 / 255)  # all negative: 0 at the top
     s, z = asymmetric_params(torch.tensor([0.0]), torch.tensor([0.0]), 8)
     assert (s.item(), z.item()) == (1.0, 0.0)  # empty range: scale 1
+
+
+def _autograd_fake_quant(x, s, z, qmin, qmax):
+    """The same mathematics through plain autograd (the form fake_quant had before its hand-written backward)."""
+    q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+@pytest.mark.parametrize("grid", GRIDS[:2], ids=lambda g: g[0])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_hand_written_backward_equals_autograd(grid, per_channel):
+    """Training uses a fused autograd Function: same forward values, same x and scale gradients as plain autograd."""
+    _, qmin, qmax, _ = grid
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 6, 5, 5, generator=g) * 3
+    shape = (1, 6, 1, 1) if per_channel else (1,)
+    s0 = torch.rand(shape, generator=g) * 0.05 + 0.01  # small scales: many values clamp at both ends
+    z = 0.0 if qmin < 0 else torch.full(shape, 100.0)
+    w = torch.randn(x0.shape, generator=g)  # a non-uniform upstream gradient
+    out = {}
+    for name, fn in (("fused", fake_quant), ("autograd", _autograd_fake_quant)):
+        x, s = x0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        y = fn(x, s, z, qmin, qmax)
+        (y * w).sum().backward()
+        out[name] = (y.detach(), x.grad, s.grad)
+    (yf, gxf, gsf), (ya, gxa, gsa) = out["fused"], out["autograd"]
+    assert torch.equal(yf, ya)
+    clamped = ((x0 / s0).round() + z < qmin) | ((x0 / s0).round() + z > qmax)
+    assert clamped.any() and (~clamped).any()
+    assert torch.equal(gxf, torch.where(clamped, 0.0, w))  # exactly the straight-through mask
+    torch.testing.assert_close(gxf, gxa, rtol=1e-6, atol=1e-6)
+    assert gsf.shape == s0.shape
+    torch.testing.assert_close(gsf, gsa, rtol=1e-4, atol=1e-4)
+    # with no gradient needed, the no-autograd path gives the same values
+    with torch.no_grad():
+        assert torch.equal(fake_quant(x0, s0, z, qmin, qmax), yf)

@@ -399,3 +399,27 @@ def test_override_matching_nothing_names_closest_layers(kind):
     assert close and set(close) <= names and all(c.startswith("down_blocks.") for c in close)
     assert "quest-export info" in msg
     assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in unet.modules())  # refused before any swap
+
+
+def test_frozen_weight_cache_follows_every_change():
+    """A frozen weight quantizer dequantizes once; in-place loads, refreezing and unfreezing all invalidate that."""
+    from quest_export.quant.quantizer import WeightQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g)
+    wq = WeightQuantizer((4, 3), bits=4, symmetric=True, per_channel=True)
+    wq.scale.copy_(w.abs().amax(1, keepdim=True) / 7)
+    wq.freeze(w)
+    first = wq(w)
+    assert wq(w) is first  # cached
+    assert torch.equal(first, fake_quant(w, wq.scale, 0.0, -8, 7))
+    state = {k: v.clone() for k, v in wq.state_dict().items()}
+    state["w_int"] = -state["w_int"]
+    wq.load_state_dict(state)  # copies into the same tensors in place
+    assert torch.equal(wq(w), -first)
+    wq.scale.mul_(2)  # an in-place scale change
+    assert torch.equal(wq(w), -2 * first)
+    wq.unfreeze()
+    assert torch.equal(wq(w), fake_quant(w, wq.scale, 0.0, -8, 7))  # latent path
+    wq.freeze(w * 0.5)
+    assert torch.equal(wq(w), fake_quant(w * 0.5, wq.scale, 0.0, -8, 7))

@@ -70,7 +70,10 @@ def test_every_preset_combination_round_trips(bits, effort):
         # the layers really applied
         assert r.target == load_target(target)
         if bits is not None:
-            assert (r.quant.w_bits, r.quant.a_bits) == tuple(presets.BITS[bits]["quant"].values())
+            bq = presets.BITS[bits]["quant"]
+            assert (r.quant.w_bits, r.quant.a_bits) == (bq["w_bits"], bq["a_bits"])
+            sym = r.target.symmetric_only  # a TensorRT target forces symmetric grids over the preset's
+            assert r.quant.a_symmetric == (sym or bq.get("a_symmetric", True)), target
         if effort is not None:
             assert r.finetune.preset == effort
             assert r.ptq.adaround_iters == presets.EFFORT[effort]["ptq"]["adaround_iters"]
@@ -81,6 +84,16 @@ def test_precision_presets_are_the_named_values():
     for name, value in (("w8a8", presets.W8A8), ("w4a8", presets.W4A8), ("w4a4", presets.W4A4)):
         assert QuantRecipe(**presets.BITS[name]["quant"]) == value
         assert value.name == name
+
+
+def test_w4a4_is_asymmetric_where_the_target_allows_it():
+    """W4A4 defaults to zero points on ONNX Runtime; TensorRT targets force symmetric grids back."""
+    cpu = resolved(bits="w4a4", target="cpu").quant
+    assert (cpu.w_symmetric, cpu.a_symmetric) == (False, False)
+    for target in ("gpu", "jetson"):
+        q = resolved(bits="w4a4", target=target).quant
+        assert (q.w_symmetric, q.a_symmetric) == (True, True), target
+    assert resolved(bits="w4a8", target="cpu").quant.a_symmetric is True  # 8-bit activations stay symmetric
 
 
 # -- fingerprint -------------------------------------------------------------------------------------------------
