@@ -138,6 +138,7 @@ class QuestFinetuner:
         self._first_step = True  # the first step of the run checks that every trainable tensor gets a gradient
         self._pending: list[tuple[torch.Tensor, str]] = []  # (loss, where) of steps not yet read back
         self._losses: list[float] = []  # losses read back since the stage loop last took them
+        self._last: float | None = None
         self.check_every = check_interval(device)
         self.graphs = graphs_usable(device, cfg.cuda_graphs)
         # capturable Adam on every GPU run, graphs or not: its update arithmetic differs from the default one in the
@@ -216,6 +217,7 @@ class QuestFinetuner:
             pending, self._pending = self._pending, []
             for v, (_, where) in zip(vals, pending):
                 self._losses.append(self._check(v, where))
+            self._last = vals[-1]
         return self._losses
 
     def _take_losses(self) -> list[float]:
@@ -224,7 +226,8 @@ class QuestFinetuner:
         return out
 
     def _last_loss(self) -> str:
-        return f"{self._losses[-1]:.4g}" if self._losses else "…"
+        """The newest loss read back, for the progress bar."""
+        return "…" if self._last is None else f"{self._last:.4g}"
 
     def _check(self, v: float, where: str) -> float:
         if self._first_loss is None:
