@@ -94,6 +94,12 @@ SEEDS_PTQ = {
     for grid, sets in (("sym", SYM), ("asym", ASYM_A))
     for k, sd in enumerate(SEEDS3)
 }  # fmt: skip
+SEEDS_W4A8 = {  # W4A8 (symmetric, every target), three whole-pipeline seeds of both methods that work there
+    f"{tag}/{m}-w4a8-s{k}": (m, "w4a8", sd, "cpu", model)
+    for tag, model in MODELS
+    for m in ("qdiffusion", "quest")
+    for k, sd in enumerate(SEEDS3)
+}  # fmt: skip
 ROWSETS = {
     "standard": STANDARD,  # W4A4 on the default grid (asymmetric on the `cpu` target); three seeds: seeds-*
     "ablation": _sym_w4a4(ABLATION),
@@ -105,6 +111,7 @@ ROWSETS = {
     "seeds": SEEDS,
     "seeds-asym": SEEDS_ASYM,
     "seeds-ptq": SEEDS_PTQ,
+    "seeds-w4a8": SEEDS_W4A8,
 }
 
 
