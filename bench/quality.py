@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 # row name -> (method, bits, extra --set overrides, target[, model])
 SYM = ["quant.a_symmetric=true", "quant.w_symmetric=true"]  # the TensorRT form (W4A4's default before)
+ASYM_A = ["quant.a_symmetric=false", "quant.w_symmetric=false"]  # asymmetric grids: W4A4's default on ONNX Runtime
 
 
 def _sym_w4a4(rows: dict) -> dict:
@@ -39,8 +40,7 @@ ABLATION = {
     "quest-w4a4-seed1": ("quest", "w4a4", ["calib.seed=1", "finetune.seed=1"], "cpu"),
     "quest-w4a4-seed2": ("quest", "w4a4", ["calib.seed=2", "finetune.seed=2"], "cpu"),
 }
-ASYM = {f"quest-{b}-asym": ("quest", b, ["quant.a_symmetric=false", "quant.w_symmetric=false"], "cpu")
-        for b in ("w8a8", "w4a8", "w4a4")}  # fmt: skip
+ASYM = {f"quest-{b}-asym": ("quest", b, ASYM_A, "cpu") for b in ("w8a8", "w4a8", "w4a4")}
 TRT = {f"quest-{b}-trt": ("quest", b, [], "jetson") for b in ("w8a8", "w4a8", "w4a4")}
 PC, MSE = "quant.a_granularity=per-channel", "ptq.act_init=mse"
 STRONG = ["finetune.b_lr_weight=1e-4", "finetune.b_lr_scale=1e-4", "finetune.c_lr_weight=1e-4",
@@ -73,33 +73,21 @@ EXTRA = {  # three seeds, local + global, asymmetric grids at W8A8 and W4A4, and
 SEEDS3 = [[], ["calib.seed=1", "finetune.seed=1"], ["calib.seed=2", "finetune.seed=2"]]
 LR10 = ["finetune.b_lr_weight=1e-4", "finetune.b_lr_scale=1e-4", "finetune.c_lr_weight=1e-4",
         "finetune.c_lr_scale=1e-3"]  # fmt: skip
-ASYM_A = ["quant.a_symmetric=false", "quant.w_symmetric=false"]  # asymmetric grids: W4A4's default on ONNX Runtime
 MODELS = (("cond", "fmnist-cond"), ("uncond", "fmnist-uncond"))
-SEEDS = {  # W4A4, three whole-pipeline seeds (calibration draw, AdaRound, finetuning) of every row, both models
-    **{f"{tag}/{name}-s{k}": (m, "w4a4", SYM + extra + sd, "cpu", model)
-       for tag, model in MODELS
-       for name, m, extra in (("qdiffusion-w4a4", "qdiffusion", []), ("quest-w4a4", "quest", []),
-                              ("quest-w4a4-lr10", "quest", LR10))
-       for k, sd in enumerate(SEEDS3)},
-}  # fmt: skip
-SEEDS_ASYM = {
-    f"{tag}/{m}-w4a4-asym-s{k}": (m, "w4a4", ASYM_A + sd, "cpu", model)
-    for tag, model in MODELS
-    for m in ("qdiffusion", "quest")
-    for k, sd in enumerate(SEEDS3)
-}  # fmt: skip
-SEEDS_PTQ = {
-    f"{tag}/ptq-w4a4-{grid}-s{k}": ("ptq", "w4a4", sets + sd, "cpu", model)
-    for tag, model in MODELS
-    for grid, sets in (("sym", SYM), ("asym", ASYM_A))
-    for k, sd in enumerate(SEEDS3)
-}  # fmt: skip
-SEEDS_W4A8 = {  # W4A8 (symmetric, every target), three whole-pipeline seeds of both methods that work there
-    f"{tag}/{m}-w4a8-s{k}": (m, "w4a8", sd, "cpu", model)
-    for tag, model in MODELS
-    for m in ("qdiffusion", "quest")
-    for k, sd in enumerate(SEEDS3)
-}  # fmt: skip
+
+
+def _three_seeds(bits: str, rows) -> dict:
+    """Each (name, method, sets) row on both models with three whole-pipeline seeds (calibration draw, AdaRound,
+    finetuning): rows '<model>/<name>-s<k>'."""
+    return {f"{tag}/{name}-s{k}": (m, bits, sets + sd, "cpu", model)
+            for tag, model in MODELS for name, m, sets in rows for k, sd in enumerate(SEEDS3)}  # fmt: skip
+
+
+SEEDS = _three_seeds("w4a4", [("qdiffusion-w4a4", "qdiffusion", SYM), ("quest-w4a4", "quest", SYM),
+                              ("quest-w4a4-lr10", "quest", SYM + LR10)])  # fmt: skip
+SEEDS_ASYM = _three_seeds("w4a4", [(f"{m}-w4a4-asym", m, ASYM_A) for m in ("qdiffusion", "quest")])
+SEEDS_PTQ = _three_seeds("w4a4", [(f"ptq-w4a4-{g}", "ptq", sets) for g, sets in (("sym", SYM), ("asym", ASYM_A))])
+SEEDS_W4A8 = _three_seeds("w4a8", [(f"{m}-w4a8", m, []) for m in ("qdiffusion", "quest")])  # symmetric everywhere
 ROWSETS = {
     "standard": STANDARD,  # W4A4 on the default grid (asymmetric on the `cpu` target); three seeds: seeds-*
     "ablation": _sym_w4a4(ABLATION),
