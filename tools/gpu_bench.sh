@@ -2,13 +2,10 @@
 # Quality benchmarks on one GPU (the device machine). Results go to $OUT/results.tar even if a step times out.
 # Usage: OUT=/dir BENCH="<rows spec>" bash tools/gpu_bench.sh
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QUEST_EXPORT_NO_PROGRESS=1
+LIMIT=${LIMIT:-540}
+. tools/gpu_env.sh
 nvidia-smi -L
 R=/tmp/results; mkdir -p $R
-LIMIT=${LIMIT:-540}
-start=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - start) )); }
 if [ "${FLOAT:-0}" = 1 ]; then  # in the background: it shares the GPU with the rows below
   timeout $(left) python3 bench/float_eval.py --n 1000 --out $R/float_eval.json --grids $R > $R/float_eval.log 2>&1 &
 fi

@@ -3,14 +3,13 @@
 #   OUT=/dir bash tools/gpu_paper.sh start   # CUDA-graph tests, then QuEST --preset paper (fmnist-cond, W4A8) in the
 #                                            # background (setsid: it outlives this call), then poll
 #   OUT=/dir bash tools/gpu_paper.sh wait    # poll until it ends; then the eager/graph step-rate benchmark, then
-#                                            # `bench/quality.py --rows seeds` in the background; poll that
+#                                            # `bench/quality.py --rows $SEEDS` (default seeds; SEEDS= skips it)
+#                                            # in the background; poll that
 # Each call ends by LIMIT seconds and leaves $OUT/paper.tar (logs and JSON so far).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QUEST_EXPORT_NO_PROGRESS=1
+LIMIT=${LIMIT:-560}
+. tools/gpu_env.sh
 R=/tmp/paper; mkdir -p $R
-LIMIT=${LIMIT:-560}; t0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - t0) )); }
 if [ "${1:-wait}" = start ]; then
   nvidia-smi -L
   timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ptq/test_cuda_graphs.py > $R/gpu_tests.log 2>&1
@@ -28,7 +27,7 @@ if [ -f $R/paper.json ] && [ ! -f $R/speed.json ] && [ "$(left)" -gt 240 ]; then
   timeout $(( $(left) - 10 )) python3 bench/recon_speed.py --iters 200 --work /tmp/paperwork --out $R/speed.json \
     > $R/speed.log 2>&1
 fi
-if [ -f $R/speed.json ] && [ ! -f $R/seeds.started ] && [ -n "${SEEDS:-seeds}" ]; then
+if [ -f $R/speed.json ] && [ ! -f $R/seeds.started ] && [ -n "${SEEDS-seeds}" ]; then
   date +%s > $R/seeds.started
   setsid nohup python3 bench/quality.py --rows ${SEEDS:-seeds} --n 1000 --jobs ${JOBS:-18} --threads 1 --preset gpu \
     --no-float --work /tmp/seedwork --out $R/seeds.json > $R/seeds.log 2>&1 < /dev/null &

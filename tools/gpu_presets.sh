@@ -2,11 +2,9 @@
 # One device call: QuEST W4A8 (fmnist-cond) with the `fast` and `gpu` presets, each alone on the GPU (wall time,
 # peak memory), then the three-seed W4A8 rows of both models. Results in $OUT/presets.tar.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QUEST_EXPORT_NO_PROGRESS=1
+LIMIT=${LIMIT:-550}
+. tools/gpu_env.sh
 R=/tmp/presets; mkdir -p $R
-LIMIT=${LIMIT:-550}; t0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - t0) )); }
 for preset in fast gpu; do
   timeout $(left) python3 bench/quality.py --model fmnist-cond --rows standard --only quest-w4a8 --preset $preset \
     --no-float --n 1000 --jobs 1 --threads 4 --work /tmp/pw --out $R/alone-$preset.json > $R/alone-$preset.log 2>&1
