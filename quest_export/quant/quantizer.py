@@ -47,7 +47,7 @@ class WeightQuantizer(nn.Module):
         self.alpha_floor: torch.Tensor | None = None  # floor(W / Delta), fixed while alpha trains
         self.soft_h: torch.Tensor | None = None  # h(alpha) of the last soft forward (the AdaRound regulariser reads it)
         self.enabled = True
-        self._dequant: tuple | None = None  # (key, W_hat) of a frozen quantizer: computed once, not every forward
+        self._dequant: tuple | None = None  # W_hat of a frozen quantizer and what it was computed from
 
     @property
     def frozen(self) -> bool:
@@ -86,12 +86,12 @@ class WeightQuantizer(nn.Module):
         if torch.is_inference_mode_enabled() or self.w_int.is_inference():
             return (self.w_int.to(dtype) - self.zero_point) * self.scale  # inference tensors have no version counter
         srcs = (self.w_int, self.scale, self.zero_point)
-        key = (srcs, tuple(t._version for t in srcs), dtype)  # the tensors themselves (not ids) and their versions
-        c = self._dequant
-        if c is None or c[0][2] != dtype or c[0][1] != key[1] or any(a is not b for a, b in zip(c[0][0], srcs)):
+        versions = tuple(t._version for t in srcs)
+        c = self._dequant  # (the tensors themselves, not ids; their versions; dtype; W_hat)
+        if c is None or c[1:3] != (versions, dtype) or any(a is not b for a, b in zip(c[0], srcs)):
             with torch.no_grad():
-                self._dequant = (key, (self.w_int.to(dtype) - self.zero_point) * self.scale)
-        return self._dequant[1]
+                self._dequant = (srcs, versions, dtype, (self.w_int.to(dtype) - self.zero_point) * self.scale)
+        return self._dequant[3]
 
     @torch.no_grad()
     def freeze(self, w: torch.Tensor) -> None:
