@@ -51,7 +51,7 @@ def recipe_options(fn):
         click.option("--bits", default=None, help="precision preset: w8a8 | w4a8 | w4a4"),
         click.option("--preset", default=None, help="effort preset: fast (CPU) | gpu | paper (reference)"),
         click.option("--method", default=None, help="ptq | qdiffusion | quest | dmq"),
-        click.option("--target", default=None, help="target profile id (engines/targets), or 'jetson'"),
+        click.option("--target", default=None, help="target profile id (a packaged one, or one in $QUEST_EXPORT_TARGETS), or 'jetson'"),
         click.option("--recipe", "recipe_file", default=None, help="recipe JSON file (see --dump-recipe)"),
         click.option("--set", "sets", multiple=True, help="override a recipe field: --set quant.a_bits=4"),
         click.option("--device", default=None, help="auto | cpu | cuda"),
