@@ -201,7 +201,7 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     """
     needed = _needed(stages)
     last = "build" if needed[-1] == "verify" else needed[-1]
-    outs = {last: Path(out).expanduser()} if out else {}
+    outs = {last: Path(out).expanduser().absolute()} if out else {}  # artifacts record each other's paths
     r = _Run(recipe, work=Path(work) if work else None, outs=outs, force=force, resume=resume,
              show_progress=show_progress)  # fmt: skip
     r.backend = backend
