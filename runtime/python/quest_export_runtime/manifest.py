@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from quest_export.errors import ArtifactError, ManifestMismatch
+from quest_export_runtime.errors import ArtifactError, ManifestMismatch
 
 MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"

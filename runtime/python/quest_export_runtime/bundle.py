@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from quest_export.errors import ArtifactError, InputError, ManifestMismatch
-from quest_export.recipe.manifest import read_manifest, verify_files
-from quest_export.runtime.safetensors_np import load_safetensors
-from quest_export.runtime.session import DeviceInfo, query_device
+from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch
+from quest_export_runtime.manifest import read_manifest, verify_files
+from quest_export_runtime.safetensors_np import load_safetensors
+from quest_export_runtime.session import DeviceInfo, query_device
 
 logger = logging.getLogger(__name__)
 
