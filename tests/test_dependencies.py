@@ -32,9 +32,9 @@ def declared() -> dict[str, str]:
 
 
 def imported_modules() -> set[str]:
-    """Top-level modules imported anywhere in the package, the CLI, tests, bench/ and tools/."""
+    """Top-level modules imported anywhere in the package, the runtime distribution, the CLI, tests, bench/, tools/."""
     mods = set()
-    for folder in ("quest_export", "cli", "tests", "bench", "tools"):
+    for folder in ("quest_export", "runtime/python", "cli", "tests", "bench", "tools"):
         for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Import):

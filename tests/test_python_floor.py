@@ -1,7 +1,7 @@
 """The Python floor pyproject.toml claims (requires-python >= 3.10), checked on a real 3.10 interpreter.
 
 torch has no CPU wheel for 3.10 on this project's machines (docs/dependencies.md), so the suite runs on 3.11 and
-this test runs what 3.10 can run without the heavy wheels: every module of the package and the CLI compiles, and the
+this test runs what 3.10 can run without the heavy wheels: every module of the package, the CLI and the runtime distribution compiles, and the
 torch-free recipe layer loads every packaged target profile through the ``tomli`` fallback (tomllib is 3.11+) and
 resolves a recipe to the same fingerprint as here. ``make setup`` creates .venv310 (tomli only) where a 3.10
 interpreter is installed; $QUEST_EXPORT_PY310 names another one.
@@ -27,11 +27,11 @@ PROBE = """
 import importlib.util, json, sys
 from pathlib import Path
 repo = Path(sys.argv[1])
-sys.path.insert(0, str(repo))
+sys.path[:0] = [str(repo), str(repo / "runtime" / "python")]
 assert sys.version_info[:2] == (3, 10), sys.version
 assert importlib.util.find_spec("tomllib") is None  # so the tomli fallback is what runs
 compiled = 0
-for folder in ("quest_export", "cli"):
+for folder in ("quest_export", "cli", "runtime/python/quest_export_runtime"):
     for path in sorted((repo / folder).rglob("*.py")):
         compile(path.read_text(), str(path), "exec")
         compiled += 1

@@ -24,7 +24,7 @@ import pytest
 from tests.tiny import write_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
-# The distributions this repository builds: (source folder, its packages). The runtime wheel is there once it exists.
+# The distributions this repository builds: (source folder, its packages); quest-export depends on the runtime's.
 DISTS = [(REPO, ("quest_export", "cli")), (REPO / "runtime" / "python", ("quest_export_runtime",))]
 NOT_SHIPPED = ("*.md",)  # documentation inside the package folders; nothing reads it
 SETS = ("calib.samples_per_group=2", "ptq.adaround_iters=2", "finetune.b_epochs=1", "finetune.c_epochs=1",
@@ -57,8 +57,6 @@ def installed(tmp_path_factory) -> dict:
                                capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
     packages = []
     for i, (root, pkgs) in enumerate(DISTS):
-        if not (root / "pyproject.toml").is_file():
-            continue
         src = tmp / f"src{i}"  # a copy of the tracked sources, so the build writes nothing into the tree
         for rel in tracked(root, "pyproject.toml", "README.md", *pkgs):
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -90,12 +88,13 @@ def test_installed_cli_builds_a_tiny_model_outside_the_tree(installed, tmp_path)
     model = write_tiny_model_dir(tmp_path / "models", "cond")
     work = tmp_path / "here"
     work.mkdir()
-    probe = ("import json, quest_export, cli.main; from quest_export.recipe.targets import list_targets, targets_dir; "
+    probe = ("import json, quest_export, quest_export_runtime, cli.main; "
+             "from quest_export.recipe.targets import list_targets, targets_dir; "
              "print(json.dumps({'pkg': quest_export.__file__, 'cli': cli.main.__file__, 'targets': list_targets(), "
-             "'dir': str(targets_dir())}))")  # fmt: skip
+             "'runtime': quest_export_runtime.__file__, 'dir': str(targets_dir())}))")  # fmt: skip
     where = json.loads(subprocess.run([str(installed["python"]), "-c", probe], cwd=work, env=env(), capture_output=True,
                                       text=True, check=True, timeout=60).stdout)  # fmt: skip
-    for key in ("pkg", "cli", "dir"):
+    for key in ("pkg", "cli", "runtime", "dir"):
         assert Path(where[key]).is_relative_to(installed["venv"]), (key, where[key])  # the wheel's, not the tree's
     assert "cpu" in where["targets"] and "jetson-orin-jp61" in where["targets"]
 
