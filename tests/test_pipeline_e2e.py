@@ -194,6 +194,8 @@ def test_cli_refuses_an_out_folder_of_another_recipe(runs, cli, tmp_path):
     assert first.exit_code == 0, first.output
     before = tree(out)
     assert "manifest.json" in before and "verify.json" in before
-    err = assert_one_line_error(cli("build", *cli_args("cpu"), "--out", str(out)), "holds a build artifact of another recipe")
+    err = assert_one_line_error(
+        cli("build", *cli_args("cpu"), "--out", str(out)), "holds a build artifact of another recipe"
+    )
     assert str(out) in err
     assert tree(out) == before, "the refused build changed the folder"
