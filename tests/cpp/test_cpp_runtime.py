@@ -6,8 +6,9 @@ What is checked:
      on the same x_T, model outputs and variance noise;
   3. the timestep-group rule g(t) = max{g : t_g >= t}, 0 if t > t_0;
   4. the manifest check refuses a tampered, a missing and an escaping file, and an unknown schema, with one line;
-  5. sha256 against hashlib, the JSON parser against Python's json, safetensors against the safetensors package;
-  6. the PNG writer: the file decodes with zlib/struct to the same pixels, and the grid equals images.make_grid;
+  5. sha256 (OpenSSL EVP) against hashlib, JSON (nlohmann/json) against Python's json, the own safetensors reader
+     against the safetensors package;
+  6. the PNG writer (libpng): the file decodes with zlib/struct to the same pixels, the grid equals images.make_grid;
   7. where the ONNX Runtime backend is built: a tiny ONNX model through the C++ backend vs onnxruntime Python,
      and quest_sample end to end (guidance, scale-input groups) vs the same loop in Python.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import struct
@@ -592,10 +592,13 @@ def test_json_round_trips_against_python(build, tmp_path, i):
     assert json.loads(out) == json.loads(text)
 
 
-def test_json_reads_python_nonfinite_numbers(build, tmp_path):
-    (tmp_path / "doc.json").write_text(json.dumps({"a": float("nan"), "b": float("inf"), "c": [-float("inf")]}))
-    out = json.loads(run(build, "quest_selftest", "json", tmp_path / "doc.json").stdout)
-    assert math.isnan(out["a"]) and out["b"] == math.inf and out["c"] == [-math.inf]
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_json_refuses_nonfinite_tokens(build, tmp_path, token):
+    """nlohmann/json reads strict RFC 8259, so quest_export writes manifests with allow_nan=False (test_manifest.py)."""
+    (tmp_path / "doc.json").write_text(json.dumps({"a": [1.0, float(token.replace("Infinity", "inf"))]}))
+    assert token in (tmp_path / "doc.json").read_text()
+    proc = run(build, "quest_selftest", "json", tmp_path / "doc.json", check=False)
+    assert proc.returncode == 2 and "invalid JSON at line 1" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -652,8 +655,35 @@ def test_safetensors_reader_matches_the_safetensors_package(build, tmp_path):
 # --------------------------------------------------------------------------- 6. PNG
 
 
+def _unfilter(rows: np.ndarray, bpp: int) -> np.ndarray:
+    """Undo the PNG scanline filters (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth): rows (H, 1 + W*C) -> (H, W*C)."""
+    h, n = rows.shape[0], rows.shape[1] - 1
+    out = np.zeros((h, n), dtype=np.int64)
+    for y in range(h):
+        kind, line = rows[y, 0], rows[y, 1:].astype(np.int64)
+        up = out[y - 1] if y else np.zeros(n, dtype=np.int64)
+        if kind in (0, 2):
+            out[y] = (line + (up if kind == 2 else 0)) & 0xFF
+            continue
+        assert kind in (1, 3, 4), f"unknown PNG filter type {kind}"
+        cur = out[y]
+        for x in range(n):
+            a = cur[x - bpp] if x >= bpp else 0
+            b, c = up[x], (up[x - bpp] if x >= bpp else 0)
+            if kind == 1:
+                pred = a
+            elif kind == 3:
+                pred = (a + b) // 2
+            else:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            cur[x] = (line[x] + pred) & 0xFF
+    return out.astype(np.uint8)
+
+
 def decode_png(path: Path) -> np.ndarray:
-    """Minimal PNG decoder for 8-bit grey/RGB, filter 0 (what the writer produces); checks every CRC."""
+    """PNG decoder for 8-bit grey/RGB (what the libpng writer produces); checks every CRC and the zlib stream."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, ihdr = 8, b"", None
@@ -673,9 +703,7 @@ def decode_png(path: Path) -> np.ndarray:
     assert depth == 8 and color in (0, 2) and interlace == 0
     ch = 1 if color == 0 else 3
     raw = zlib.decompress(idat)  # checks the Adler-32 too
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * ch)
-    assert (rows[:, 0] == 0).all(), "filter type must be 0"
-    img = rows[:, 1:].reshape(h, w, ch)
+    img = _unfilter(np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * ch), ch).reshape(h, w, ch)
     return img[:, :, 0] if ch == 1 else img
 
 

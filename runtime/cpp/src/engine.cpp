@@ -20,19 +20,19 @@ std::string PlanNameForGraph(const std::string& graph_file, int64_t group) {
 
 std::string JsonScalarText(const json::Value* v) {
   if (!v) return "";
-  if (v->is_string()) return v->as_string();
+  if (v->is_string()) return json::AsString(*v);
   if (v->is_number()) return json::Dump(*v);
-  if (v->is_array() && v->as_array().size() == 2 && v->as_array()[0].is_integer() && v->as_array()[1].is_integer()) {
-    return std::to_string(v->as_array()[0].as_int()) + "." + std::to_string(v->as_array()[1].as_int());  // [8, 7]
+  if (v->is_array() && v->size() == 2 && json::IsInteger(v->at(0)) && json::IsInteger(v->at(1))) {
+    return std::to_string(json::AsInt(v->at(0))) + "." + std::to_string(json::AsInt(v->at(1)));  // [8, 7]
   }
   return "";
 }
 
 // A top-level key of an engine manifest, or the same key in its "build" section.
 std::string EngineKey(const json::Value& root, const char* key) {
-  std::string v = JsonScalarText(root.find(key));
+  std::string v = JsonScalarText(json::Find(root, key));
   if (v.empty()) {
-    if (const json::Value* build = root.find("build")) v = JsonScalarText(build->find(key));
+    if (const json::Value* build = json::Find(root, "build")) v = JsonScalarText(json::Find(*build, key));
   }
   return v;
 }
@@ -76,7 +76,7 @@ Status ReadConditioning(const std::string& path, const ConditioningSpec& spec, T
   if (labels != f.metadata.end()) {
     json::Value lv;
     QUEST_RETURN_IF_ERROR(json::Parse(labels->second, &lv).WithContext(path + " metadata labels"));
-    if (!lv.is_array() || static_cast<int64_t>(lv.as_array().size()) != t.shape[0]) {
+    if (!lv.is_array() || static_cast<int64_t>(lv.size()) != t.shape[0]) {
       return InvalidInput(path + ": metadata labels must be a JSON list with one name per row (" + std::to_string(t.shape[0]) + ")");
     }
   }
