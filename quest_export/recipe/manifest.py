@@ -80,10 +80,16 @@ def _plain(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+def write_json_atomic(path: str | os.PathLike, data: Any, *, allow_nan: bool = True) -> Path:
+    """Write JSON through a temporary file; allow_nan=False refuses NaN/Infinity (strict RFC 8259)."""
     path = Path(path)
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, default=_plain, allow_nan=allow_nan) + "\n"
+    except ValueError as e:  # a non-finite float where strict JSON is required
+        raise ArtifactError(f"{path.name}: {e}; manifests are strict JSON (the C++ runtime reads them with "
+                            "nlohmann/json): record non-finite values as null or a string") from None  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_plain) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 
@@ -113,7 +119,7 @@ def write_manifest(root: str | os.PathLike, *, stage: str, recipe_fingerprint: s
     }
     if extra:
         manifest.update(extra)
-    write_json_atomic(root / MANIFEST_NAME, manifest)
+    write_json_atomic(root / MANIFEST_NAME, manifest, allow_nan=False)  # strict JSON: the C++ runtime reads it
     return manifest
 
 

@@ -79,11 +79,12 @@ class Build:
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Build:
+    # `make test` installs cmake, g++ and the core libraries first (`make system-deps`), so these fail, not skip
     if shutil.which("cmake") is None:
-        pytest.skip("cmake not found; install cmake >= 3.16 to build runtime/cpp")
+        pytest.fail("cmake not found; run `make system-deps` (apt-get install cmake) to build runtime/cpp")
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
-        pytest.skip("no C++ compiler found (c++, g++, clang++ or $CXX); install g++ to build runtime/cpp")
+        pytest.fail("no C++ compiler found (c++, g++, clang++ or $CXX); run `make system-deps` (apt-get install g++)")
     bdir = tmp_path_factory.mktemp("cpp-build")
     cmd = ["cmake", "-S", str(SRC), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release", "-DQUEST_WERROR=ON"]
     ort = _ort_root()
@@ -141,6 +142,27 @@ def test_missing_onnxruntime_is_explained(build, tmp_path):
         pytest.skip(f"ONNX Runtime found in the system paths despite the bogus prefix: {line}")
     for word in ("onnxruntime_cxx_api.h", "libonnxruntime.so", str(bogus), "-DONNXRUNTIME_ROOT"):
         assert word in line, line
+
+
+@pytest.mark.parametrize(
+    "package,words",
+    [
+        ("nlohmann_json", ("nlohmann/json", "nlohmann-json3-dev")),
+        ("OpenSSL", ("libcrypto", "libssl-dev")),
+        ("PNG", ("libpng", "libpng-dev")),
+    ],
+)
+def test_missing_core_library_stops_configure_with_the_package(build, tmp_path, package, words):
+    """A core library CMake cannot find stops configure with one message naming it and the apt package."""
+    proc = subprocess.run(
+        ["cmake", "-S", str(SRC), "-B", str(tmp_path / "b"), f"-DCMAKE_DISABLE_FIND_PACKAGE_{package}=ON",
+         "-DQUEST_WITH_TRT=OFF", "-DQUEST_WITH_ORT=OFF"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0, "configure succeeded without " + package
+    err = " ".join(proc.stderr.split())
+    for w in (*words, "make system-deps"):
+        assert w in err, err
 
 
 # --------------------------------------------------------------------------- 2. DDIM vs diffusers
