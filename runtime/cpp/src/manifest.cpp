@@ -1,13 +1,17 @@
 #include "quest/manifest.h"
 
-#include <algorithm>
 #include <sys/stat.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
 
 #include "quest/sha256.h"
 
 namespace quest {
 namespace {
 
+const char* const kEngineSuffixes[] = {".plan", ".engine", ".trt"};  // TensorRT engine files
 const char* const kStages[] = {"calibrate", "quantize", "export", "build-ort", "build-trt", "bundle"};
 
 bool IsHex64(const std::string& s) {
@@ -15,23 +19,62 @@ bool IsHex64(const std::string& s) {
   return std::all_of(s.begin(), s.end(), [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
 }
 
-// A `files` key must stay inside the folder: relative, no "..", no empty or "." parts.
-bool IsSafeRelativePath(const std::string& rel) {
-  if (rel.empty() || rel[0] == '/' || rel.find('\\') != std::string::npos) return false;
+// Why a `files` key is not a plain relative path inside the folder, or "" when it is. The same rules and
+// words as quest_export's Python check (tests/fixtures/manifests/cases.json holds the expected lines).
+std::string UnsafePathReason(const std::string& rel) {
+  if (!rel.empty() && rel[0] == '/') {
+    return "file entry '" + rel + "' is an absolute path; manifest paths are relative to the folder: re-run the stage that wrote it";
+  }
+  bool dotdot = false, odd = rel.empty() || rel.find('\\') != std::string::npos;
   size_t start = 0;
   while (start <= rel.size()) {
     size_t end = rel.find('/', start);
     if (end == std::string::npos) end = rel.size();
-    std::string part = rel.substr(start, end - start);
-    if (part.empty() || part == "." || part == "..") return false;
+    const std::string part = rel.substr(start, end - start);
+    dotdot = dotdot || part == "..";
+    odd = odd || part.empty() || part == ".";
     start = end + 1;
   }
-  return true;
+  if (dotdot) {
+    return "file entry '" + rel + "' leaves the folder ('..'); manifest paths must stay inside the folder: re-run the stage that wrote it";
+  }
+  if (odd) {
+    return "file entry '" + rel + "' is not a plain relative path (empty or '.' parts, backslashes); re-run the stage that wrote it";
+  }
+  return "";
 }
 
 bool IsRegularFile(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+bool IsEngineFile(const std::string& name) {
+  for (const char* suffix : kEngineSuffixes) {
+    const std::string s(suffix);
+    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
+  }
+  return false;
+}
+
+// Every engine file under dir (relative posix paths, sorted), skipping hidden folders and nested
+// artifacts (folders with their own manifest.json, e.g. a bundle's engine/ folder). Links are not followed.
+std::vector<std::string> EngineFilesUnder(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> out;
+  std::error_code ec;
+  fs::recursive_directory_iterator it(dir, ec), end;
+  for (; !ec && it != end; it.increment(ec)) {
+    const fs::path& p = it->path();
+    const std::string name = p.filename().string();
+    if (it->is_directory(ec) && !it->is_symlink(ec)) {
+      if (name[0] == '.' || fs::exists(p / kManifestName, ec)) it.disable_recursion_pending();
+      continue;
+    }
+    if (IsEngineFile(name)) out.push_back(p.lexically_relative(dir).generic_string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 Status ReadIoList(const json::Value* list, const char* what, std::vector<IoSpec>* out) {
@@ -101,12 +144,10 @@ Status LoadManifest(const std::string& dir, Manifest* out) {
   if (const json::Value* fp = json::Find(m.root, "recipe_fingerprint"); fp && fp->is_string()) m.recipe_fingerprint = json::AsString(*fp);
   const json::Value* files = json::Find(m.root, "files");
   if (!files || !files->is_object()) return ManifestMismatch(path + ": 'files' must be an object {path: sha256}");
-  for (const auto& kv : files->items()) {
-    if (!IsSafeRelativePath(kv.key())) {
-      return ManifestMismatch(path + ": file entry '" + kv.key() + "' is not a relative path inside the folder");
-    }
+  for (const auto& kv : files->items()) {  // sorted by key, as the Python check walks them
+    if (std::string why = UnsafePathReason(kv.key()); !why.empty()) return ManifestMismatch(dir + ": " + why);
     if (!kv.value().is_string() || !IsHex64(json::AsString(kv.value()))) {
-      return ManifestMismatch(path + ": file entry '" + kv.key() + "' has no lowercase sha256 hex digest");
+      return ManifestMismatch(dir + ": file entry '" + kv.key() + "' has no lowercase sha256 hex digest; re-run the stage that wrote it");
     }
     m.files[kv.key()] = json::AsString(kv.value());
   }
@@ -115,10 +156,21 @@ Status LoadManifest(const std::string& dir, Manifest* out) {
 }
 
 Status VerifyFiles(const Manifest& m) {
+  char* real_dir = ::realpath(m.dir.c_str(), nullptr);
+  if (!real_dir) return IoError("cannot resolve " + m.dir);
+  const std::string inside = std::string(real_dir) + "/";
+  std::free(real_dir);
   for (const auto& kv : m.files) {
     const std::string p = JoinPath(m.dir, kv.first);
     if (!IsRegularFile(p)) {
       return ManifestMismatch(m.dir + ": file '" + kv.first + "' listed in the manifest is missing; re-copy the whole folder");
+    }
+    char* real = ::realpath(p.c_str(), nullptr);
+    const bool escapes = !real || std::string(real).rfind(inside, 0) != 0;
+    std::free(real);
+    if (escapes) {
+      return ManifestMismatch(m.dir + ": file '" + kv.first +
+                              "' is a symlink that leaves the folder; copy the file itself into the folder");
     }
     std::string digest;
     QUEST_RETURN_IF_ERROR(Sha256File(p, &digest));
@@ -126,6 +178,12 @@ Status VerifyFiles(const Manifest& m) {
       return ManifestMismatch(m.dir + ": file '" + kv.first +
                               "' does not match its manifest hash (tampered or truncated); re-copy the folder or "
                               "re-run the stage that wrote it");
+    }
+  }
+  for (const std::string& rel : EngineFilesUnder(m.dir)) {
+    if (m.files.find(rel) == m.files.end()) {
+      return ManifestMismatch(m.dir + ": engine file '" + rel +
+                              "' is not listed in the manifest, so nothing vouches for it; delete it or rebuild the engine folder");
     }
   }
   return Status::Ok();
