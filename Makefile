@@ -8,12 +8,12 @@ ORT_CPP := $(abspath $(VENV))/onnxruntime
 
 .PHONY: setup system-deps demo test test-gpu test-trt lint bench runtime ort-cpp golden clean distclean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml runtime/python/pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch by exact pin first, so the CPU wheel on disk is used and no CUDA packages are pulled
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e runtime/python -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -57,8 +57,8 @@ test-trt: $(STAMP)
 	$(BIN)/python -m pytest -q -m trt -rs
 
 lint: $(STAMP)
-	$(BIN)/ruff check quest_export cli tests bench tools
-	$(BIN)/ruff format --check quest_export cli tests bench tools
+	$(BIN)/ruff check quest_export runtime/python cli tests bench tools
+	$(BIN)/ruff format --check quest_export runtime/python cli tests bench tools
 	$(BIN)/python -m pytest -q tests/test_import_hygiene.py
 
 bench: $(STAMP)

@@ -166,7 +166,7 @@ class _Run:
     def reusable(self, stage: str, path: Path) -> bool:
         if stage in self.force or "all" in self.force or not (path / "manifest.json").is_file():
             return False
-        from quest_export.recipe.manifest import read_manifest, verify_files
+        from quest_export_runtime.manifest import read_manifest, verify_files
 
         try:
             m = read_manifest(path)
@@ -179,7 +179,7 @@ class _Run:
 
 def _stamp(path: Path, key: str) -> None:
     """Record the stage key inside an artifact's manifest (after the atomic write)."""
-    from quest_export.recipe.manifest import write_json_atomic
+    from quest_export_runtime.manifest import write_json_atomic
 
     m = json.loads((path / "manifest.json").read_text())
     m["stage_key"] = key
@@ -360,11 +360,11 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
     insist = r.backend == "trt"
     if importlib.util.find_spec("tensorrt") is None:
         if insist:
-            from quest_export.build.trt import require_tensorrt
+            from quest_export_runtime.engine_build import require_tensorrt
 
             require_tensorrt()  # raises TensorRTUnavailableError with what to do; the bundle is already written
         return "not built: TensorRT is not installed here; run build.sh (or build_engine.py) on the device"
-    from quest_export.build.trt import engines_from_bundle, query_compute_capability
+    from quest_export_runtime.engine_build import engines_from_bundle, query_compute_capability
 
     cc = query_compute_capability()
     if cc not in target.compute_capability:
@@ -380,7 +380,8 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
 
 def _verify(r: _Run, paths):
     """Verify the built folder; a passed verify.json of the same build and thresholds is reused."""
-    from quest_export.recipe.manifest import write_json_atomic
+    from quest_export_runtime.manifest import write_json_atomic
+
     from quest_export.verify.harness import verify_build
 
     key = _key("verify", r.keys["build"], r.recipe.verify, r.backend)
@@ -455,7 +456,7 @@ def verify(path: str | Path, recipe: Recipe | None = None, *, quantized: str | N
 
 def check_manifest(path: str | Path) -> str:
     """Only the shared manifest check of an artifact folder (``quest-export verify DIR --manifest-only``)."""
-    from quest_export.recipe.manifest import Manifest
+    from quest_export_runtime.manifest import Manifest
 
     m = Manifest.read(path)
     m.check()
@@ -482,10 +483,11 @@ def lint(path: str | Path, target: str, *, layers: str | None = None) -> dict:
 
 def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, steps: int | None = None) -> Path:
     """Sample the float model (torch) into a PNG grid."""
+    from quest_export_runtime.images import save_grid
+
     from quest_export.eval import generate
     from quest_export.models import load_model
     from quest_export.models.sampling import SamplerSpec
-    from quest_export.runtime.images import save_grid
 
     s = recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
@@ -500,7 +502,7 @@ def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, step
 def sample_artifact(path: str | Path, *, n: int, out: str | Path, seed: int = 0, backend: str | None = None,
                     steps: int | None = None, labels: list[str] | None = None) -> Path:  # fmt: skip
     """Sample an export, ORT build, bundle or engine folder with the torch-free runtime into a PNG grid."""
-    from quest_export.runtime.pipeline import RuntimePipeline
+    from quest_export_runtime.pipeline import RuntimePipeline
 
     with RuntimePipeline.from_artifact(path, backend=backend) as pipe:
         imgs = pipe(class_labels=labels, num_images=n, seed=seed, steps=steps)
@@ -545,7 +547,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
     with ctx:
         rep, imgs = _evaluate(unet, model, spec, n=n, seed=seed, batch=batch, device=device)
     if grid:
-        from quest_export.runtime.images import save_grid
+        from quest_export_runtime.images import save_grid
 
         save_grid(imgs[:100], grid, nrow=10)
     return {**rep.to_dict(), "model": model.name, "quantized": quantized, "device": device, "merged": merge_groups}
@@ -553,7 +555,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
 
 def build_from_bundle(bundle: str | Path, *, out: str | Path | None = None, allow_experimental: bool = False) -> int:
     """On the device: build the TensorRT engine(s) of a bundle (``quest-export build --from BUNDLE``)."""
-    from quest_export.build.trt import main as trt_main
+    from quest_export_runtime.engine_build import main as trt_main
 
     argv = (
         [str(bundle)] + (["--out", str(out)] if out else []) + (["--allow-experimental"] if allow_experimental else [])

@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json
+from quest_export_runtime.manifest import read_manifest, sha256_file
 
 import quest_export.log as qe_log
 import quest_export.pipeline as pipeline
 from cli.main import main
-from quest_export.recipe.manifest import read_manifest, sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 What is checked:
   1. the core builds with -Wall -Wextra -Werror, and configure says why each missing backend is not built;
-  2. the DDIM sampler reproduces diffusers' DDIMScheduler (and quest_export.runtime.schedulers where present)
+  2. the DDIM sampler reproduces diffusers' DDIMScheduler (and quest_export_runtime.schedulers where present)
      on the same x_T, model outputs and variance noise;
   3. the timestep-group rule g(t) = max{g : t_g >= t}, 0 if t > t_0;
   4. the manifest check refuses a tampered, a missing and an escaping file, and an unknown schema, with one line;
@@ -35,7 +35,7 @@ from tests.cpp.cppbuild import SRC, Build, run  # noqa: F401 - the `build` fixtu
 # over the DDIM_CASES; the bound is the brief's 1e-5 (about 30x margin).
 DDIM_RTOL = 1e-5
 DDIM_ATOL_REL = 1e-5
-# Against quest_export.runtime.schedulers (same float32 tables, float64 steps): measured bit-identical (0 ulp);
+# Against quest_export_runtime.schedulers (same float32 tables, float64 steps): measured bit-identical (0 ulp);
 # 1e-7 of max|ref| allows one or two float32 ulps of reordering and still catches float64 tables (~1e-6).
 NUMPY_REF_ATOL_REL = 1e-7
 
@@ -156,11 +156,11 @@ def _diffusers_ddim(cfg: dict, steps: int, eta: float, x: np.ndarray, eps: np.nd
 def _numpy_runtime_ddim(cfg: dict, steps: int, eta: float, x: np.ndarray, eps: np.ndarray, z: np.ndarray | None):
     """The Python runtime's own scheduler, if another engineer's module is present (it is written concurrently)."""
     try:
-        from quest_export.runtime import schedulers
+        from quest_export_runtime import schedulers
     except ImportError as e:
-        pytest.skip(f"quest_export.runtime.schedulers not importable ({e}); diffusers comparison still runs")
+        pytest.skip(f"quest_export_runtime.schedulers not importable ({e}); diffusers comparison still runs")
     if not hasattr(schedulers, "DDIMScheduler"):
-        pytest.skip("quest_export.runtime.schedulers has no DDIMScheduler")
+        pytest.skip("quest_export_runtime.schedulers has no DDIMScheduler")
     sched = schedulers.DDIMScheduler(cfg)
     ts = np.asarray(sched.set_timesteps(steps), dtype=np.int64)
     xt, trajectory = x.copy(), []
@@ -238,7 +238,7 @@ def test_ddim_matches_python_runtime_scheduler(build, tmp_path, case):
     cfg, steps, eta, x, eps, z, ts_cpp, out_cpp = _ddim_case(build, tmp_path, case)
     ts_ref, out_ref = _numpy_runtime_ddim(cfg, steps, eta, x, eps, z)
     np.testing.assert_array_equal(ts_cpp, ts_ref)
-    _assert_close(out_cpp, out_ref, 0.0, NUMPY_REF_ATOL_REL, f"DDIM {case} vs quest_export.runtime.schedulers")
+    _assert_close(out_cpp, out_ref, 0.0, NUMPY_REF_ATOL_REL, f"DDIM {case} vs quest_export_runtime.schedulers")
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -476,11 +476,11 @@ def test_unknown_schema_and_escaping_path_are_refused(build, dummy_bundle):
 
 
 def test_manifest_written_by_quest_export_is_read(build, dummy_bundle):
-    """The contract runs both ways: a manifest from quest_export.recipe.manifest.write_manifest passes the C++ check."""
+    """The contract runs both ways: a manifest from quest_export_runtime.manifest.write_manifest passes the C++ check."""
     try:
-        from quest_export.recipe.manifest import write_manifest as py_write_manifest
+        from quest_export_runtime.manifest import write_manifest as py_write_manifest
     except ImportError as e:
-        pytest.skip(f"quest_export.recipe.manifest not importable: {e}")
+        pytest.skip(f"quest_export_runtime.manifest not importable: {e}")
     m = json.loads((dummy_bundle / "manifest.json").read_text())
     (dummy_bundle / "manifest.json").unlink()
     keys = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created")
@@ -678,7 +678,7 @@ def test_png_writer_pixels_round_trip(build, tmp_path, shape):
 
 @pytest.mark.parametrize("n,c,nrow", [(16, 1, 0), (5, 3, 0), (3, 3, 2)])
 def test_png_grid_equals_python_make_grid(build, tmp_path, n, c, nrow):
-    from quest_export.runtime.images import make_grid
+    from quest_export_runtime.images import make_grid
 
     x = np.random.default_rng(n).uniform(-1.2, 1.2, (n, c, 9, 7)).astype(np.float32)
     x[0, 0, 0, :4] = [-1.0, 1.0, -1.5, 0.0]  # saturation, and 127.5 (a tie at an odd level)
@@ -985,7 +985,7 @@ def test_quest_sample_end_to_end_with_ort(ort_build, tmp_path):
     _assert_close(got, ref, DDIM_RTOL, DDIM_ATOL_REL, "quest_sample (ort) vs Python loop")
     assert np.abs(got).max() > 0.05  # the images are not blank
 
-    from quest_export.runtime.images import make_grid
+    from quest_export_runtime.images import make_grid
 
     np.testing.assert_array_equal(decode_png(tmp_path / "grid.png"), make_grid(got))
     # the PNG of the reference samples differs at most by one level where a value sits on a rounding edge

@@ -1,7 +1,7 @@
 """Manifest safety (issue 14.5): three consumers, one check, the same one-line reasons.
 
 Every case of tests/fixtures/manifests/cases.json is checked by
-  1. the Python runtime:   quest_export.runtime.bundle.open_artifact(DIR)
+  1. the Python runtime:   quest_export_runtime.bundle.open_artifact(DIR)
   2. the CLI:              quest-export verify DIR (exit 2 on a refusal; --manifest-only for the good case)
   3. the C++ runtime:      quest_sample DIR --check
 on the case's simulated device (TEST ONLY: $QUEST_EXPORT_TEST_DEVICE, read by both runtimes). A bad case must be
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from quest_export_runtime.bundle import open_artifact
+from quest_export_runtime.errors import ManifestMismatch
+from quest_export_runtime.manifest import TEST_DEVICE_ENV
 
 from cli.main import main as cli_main
-from quest_export.errors import ManifestMismatch
-from quest_export.recipe.manifest import TEST_DEVICE_ENV
-from quest_export.runtime.bundle import open_artifact
 from tests.cpp.cppbuild import REPO, run
 
 FIXTURES = REPO / "tests" / "fixtures" / "manifests"

@@ -8,9 +8,7 @@ import json
 
 import numpy as np
 import pytest
-
-from quest_export.errors import ArtifactError, ManifestMismatch
-from quest_export.recipe.manifest import (
+from quest_export_runtime.manifest import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     atomic_dir,
@@ -19,6 +17,8 @@ from quest_export.recipe.manifest import (
     verify_files,
     write_manifest,
 )
+
+from quest_export.errors import ArtifactError, ManifestMismatch
 
 
 def _entries(folder):

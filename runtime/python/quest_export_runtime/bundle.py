@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from quest_export.errors import ArtifactError, InputError, ManifestMismatch
-from quest_export.recipe.manifest import Manifest, normalize_compute_capability, same_trt_version  # noqa: F401
-from quest_export.runtime.safetensors_np import load_safetensors
-from quest_export.runtime.session import DeviceInfo
+from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch
+from quest_export_runtime.manifest import Manifest, normalize_compute_capability, same_trt_version  # noqa: F401
+from quest_export_runtime.safetensors_np import load_safetensors
+from quest_export_runtime.session import DeviceInfo
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Artifact:
 def check_engine_device(artifact: Artifact, device: DeviceInfo | None = None) -> None:
     """Refuse an engine folder built for another TensorRT, GPU or platform (deploy.md B-13, J-5).
 
-    The rules and reasons are the shared manifest check's (quest_export.recipe.manifest.Manifest.check_device).
+    The rules and reasons are the shared manifest check's (quest_export_runtime.manifest.Manifest.check_device).
 
     Raises:
         ManifestMismatch: a mismatch or a manifest without trt_version / compute_capability, naming the rebuild command.
@@ -252,7 +252,7 @@ def open_artifact(path: str | os.PathLike, *, device: DeviceInfo | None = None) 
         ArtifactError: not an artifact, a stage the runtime cannot run, or manifest keys missing or inconsistent.
         ManifestMismatch: unknown schema, an absolute or escaping path, a missing, tampered, escaping (symlink) or
             unlisted file, an unlisted engine file, or an engine built for another TensorRT / GPU / platform
-            (naming the rebuild command): the shared check, quest_export.recipe.manifest.Manifest.check.
+            (naming the rebuild command): the shared check, quest_export_runtime.manifest.Manifest.check.
         TensorRTUnavailableError: an engine folder on a machine without TensorRT.
     """
     root = Path(path)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quest_export.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
+from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from quest_export.errors import ArtifactError, ManifestMismatch
+from quest_export_runtime.errors import ArtifactError, ManifestMismatch
 
 MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
@@ -213,7 +213,7 @@ def simulated_device():
     text = os.environ.get(TEST_DEVICE_ENV)
     if not text:
         return None
-    from quest_export.runtime.session import DeviceInfo
+    from quest_export_runtime.session import DeviceInfo
 
     try:
         spec = json.loads(text)
@@ -230,7 +230,7 @@ def engine_device_reason(manifest: dict, device: Any, rebuild: str) -> str | Non
     """Why an engine folder's manifest does not fit ``device`` (TensorRT version, GPU, Jetson, JetPack), or None.
 
     ``device`` has ``trt_version``, ``compute_capability``, ``jetson`` (None off a Jetson) and ``jetpack``
-    (None when unknown), as quest_export.runtime.session.DeviceInfo. ``rebuild`` is the command to name.
+    (None when unknown), as quest_export_runtime.session.DeviceInfo. ``rebuild`` is the command to name.
     """
     build = manifest.get("build") or {}
     built_trt = manifest.get("trt_version") or build.get("trt_version")
@@ -334,7 +334,7 @@ class Manifest:
         if device is None:
             device = simulated_device()
         if device is None:
-            from quest_export.runtime.session import query_device
+            from quest_export_runtime.session import query_device
 
             device = query_device()
         if reason := engine_device_reason(self.data, device, rebuild or self.rebuild_command()):
