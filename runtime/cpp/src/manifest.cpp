@@ -67,8 +67,8 @@ std::vector<std::string> EngineFilesUnder(const std::string& dir) {
   for (; !ec && it != end; it.increment(ec)) {
     const fs::path& p = it->path();
     const std::string name = p.filename().string();
-    if (it->is_directory(ec) && !it->is_symlink(ec)) {
-      if (name[0] == '.' || fs::exists(p / kManifestName, ec)) it.disable_recursion_pending();
+    if (it->is_directory(ec)) {  // links to folders are neither entered nor counted (as Python's os.walk)
+      if (!it->is_symlink(ec) && (name[0] == '.' || fs::exists(p / kManifestName, ec))) it.disable_recursion_pending();
       continue;
     }
     if (IsEngineFile(name)) out.push_back(p.lexically_relative(dir).generic_string());
