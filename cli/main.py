@@ -248,9 +248,14 @@ def build(backend, work, out, from_bundle, resume, force, allow_experimental, **
 @click.option("--quantized", default=None, help="fake-quant artifact (default: the one recorded in the manifest)")
 @click.option("--backend", type=click.Choice(["ort", "trt", "auto"]), default=None)
 @click.option("--device", default="cpu")
+@click.option("--manifest-only", is_flag=True,
+              help="only the manifest check (paths, hashes, unlisted engines, an engine folder vs this device)")  # fmt: skip
 @guarded
-def verify(path, quantized, backend, device):
+def verify(path, quantized, backend, device, manifest_only):
     """Check an export, ORT build, bundle or engine folder against its fake-quant references (exit 3 on failure)."""
+    if manifest_only:
+        click.echo(pipeline.check_manifest(path))
+        return
     rep = pipeline.verify(path, quantized=quantized, backend=backend, device=device)
     click.echo(pipeline.format_verify(rep))
     if not rep["passed"]:

@@ -473,6 +473,15 @@ def verify(path: str | Path, recipe: Recipe | None = None, *, quantized: str | N
     return verify_build(path, recipe=recipe, quantized=quantized, backend=backend, device=device)
 
 
+def check_manifest(path: str | Path) -> str:
+    """Only the shared manifest check of an artifact folder (``quest-export verify DIR --manifest-only``)."""
+    from quest_export_runtime.manifest import Manifest
+
+    m = Manifest.read(path)
+    m.check()
+    return f"{m.root}: manifest OK (stage {m.stage}, {len(m.files)} files verified)"
+
+
 def format_verify(report: dict) -> str:
     from quest_export.verify.harness import format_table
 
