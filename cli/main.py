@@ -48,9 +48,9 @@ def recipe_options(fn):
         click.option(
             "--cond", default=None, help="safetensors of encoder_hidden_states rows (any UNet2DConditionModel)"
         ),
-        click.option("--bits", default=None, help="precision preset: w8a8 | w4a8 | w4a4"),
+        click.option("--bits", default=None, help=f"precision preset: {' | '.join(pipeline.BITS_PRESETS)}"),
         click.option("--preset", default=None, help="effort preset: fast (CPU) | gpu | paper (reference)"),
-        click.option("--method", default=None, help="ptq | qdiffusion | quest | dmq"),
+        click.option("--method", default=None, help=" | ".join(pipeline.METHODS)),
         click.option("--target", default=None, help="target profile id (engines/targets), or 'jetson'"),
         click.option("--recipe", "recipe_file", default=None, help="recipe JSON file (see --dump-recipe)"),
         click.option("--set", "sets", multiple=True, help="override a recipe field: --set quant.a_bits=4"),
@@ -172,7 +172,7 @@ def calibrate(**opts):
 @click.option("--force", multiple=True, help="redo a stage even if a finished one matches (calibrate, quantize)")
 @guarded
 def quantize(resume, force, **opts):
-    """Quantize with --method ptq | qdiffusion | quest (calibrating first if needed)."""
+    """Quantize with --method (a registered method: ptq, quest, ...; see --help), calibrating first if needed."""
     _run("quantize", opts, resume=resume, force=tuple(force))
 
 

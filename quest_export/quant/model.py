@@ -25,7 +25,7 @@ from quest_export.quant.groups import GroupContext
 from quest_export.quant.modules import LayerSpec, QuantModule, quant_class_for, quantizable_types
 from quest_export.quant.quantizer import ActQuantizer, CalibState, WeightQuantizer
 from quest_export.recipe.config import QuantRecipe
-from quest_export.recipe.presets import default_split_shortcut
+from quest_export.recipe.methods import get_method
 
 
 class QuantMode(enum.Enum):
@@ -127,8 +127,8 @@ def plan_quantization(unet: nn.Module, recipe: QuantRecipe, *, groups: int) -> Q
             close = difflib.get_close_matches(ov.pattern, names, n=3)
             raise RecipeError(f"override '{ov.pattern}' matched no quantizable layer; closest names: "
                               f"{', '.join(close) or 'none'}. Fix quant.overrides or run `quest-export info`")  # fmt: skip
-    splits = shortcut_splits(unet) if (default_split_shortcut(recipe.method) if recipe.split_shortcut is None
-                                        else recipe.split_shortcut) else {}  # fmt: skip
+    split = get_method(recipe.method).split_shortcut if recipe.split_shortcut is None else recipe.split_shortcut
+    splits = shortcut_splits(unet) if split else {}
     attns = _attention_modules(unet)
     per_channel_a = recipe.a_granularity == "per-channel"
     layers: list[LayerSpec] = []

@@ -1,6 +1,8 @@
-"""Named presets: precision (w8a8, w4a8, w4a4) and effort (fast, paper).
+"""Named presets: precision (w8a8, w4a8, w4a4) and effort (fast, gpu, paper).
 
-A preset is a partial recipe (a nested dict of field values). ``resolve`` merges the
+A preset is a partial recipe (a nested dict of field values). Defaults that depend on the
+method (G, split shortcut, weight init, AdaRound, DMQ's stage lengths) are declared by the
+method itself (recipe/methods.py). ``resolve`` merges the
 layers in a fixed order and builds the dataclasses once, so that one validation pass sees
 the final values. Derive variants with ``dataclasses.replace``, never by copying a file.
 """
@@ -70,28 +72,3 @@ EFFORT["gpu"] = {**EFFORT["fast"], "finetune": {**EFFORT["fast"]["finetune"], "p
 
 # Stage B epochs of the paper preset per model family (quest.md 5.2: ImageNet 300, LSUN 200).
 PAPER_B_EPOCHS = {"class-cond": 300, "uncond": 200, "text": 200}
-
-# Timestep groups G of the time-aware methods per effort preset (quest.md 5.4).
-GROUPS = {"fast": 10, "gpu": 10, "paper": 20}
-
-
-def default_groups(method: str, effort: str, steps: int) -> int:
-    """G when the recipe leaves it unset: 1 for ptq/qdiffusion (shared scales), else per preset."""
-    if method in ("ptq", "qdiffusion"):
-        return 1
-    g = GROUPS.get(effort, GROUPS["fast"])
-    if effort == "paper" and steps == 50:
-        g = 25  # quest.md 3.2: 25 groups for a 50-step sampler
-    return min(g, steps)
-
-
-def default_split_shortcut(method: str) -> bool:
-    return method in ("qdiffusion", "quest", "dmq")
-
-
-def default_weight_init(method: str) -> str:
-    return "absmax" if method == "ptq" else "mse"
-
-
-def default_adaround(method: str) -> bool:
-    return method in ("qdiffusion", "quest", "dmq")

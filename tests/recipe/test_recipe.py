@@ -229,7 +229,7 @@ def test_unknown_key_from_set_reaches_the_user_with_its_path():
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"quant": {"method": "foo"}}, "quant.method='foo' is not allowed; choose one of ptq, qdiffusion, quest, dmq"),
+    ({"quant": {"method": "foo"}}, "quant.method='foo' is not allowed; choose one of ptq, qdiffusion, quest, dmq, dmq+quest"),
     ({"quant": {"w_bits": 1}}, "quant.w_bits=1 is out of range; allowed 2..16"),
     ({"quant": {"a_bits": 17}}, "quant.a_bits=17 is out of range; allowed 2..16"),
     ({"quant": {"overrides": [{"w_bits": 9}]}}, "quant.overrides[0].w_bits=9 is out of range; allowed 2..8"),
