@@ -1,4 +1,4 @@
-"""Named presets: precision (w8a8, w4a8, w4a4) and effort (fast, gpu, paper).
+"""Named presets: precision (w8a8, w4a8, w4a6, w4a4) and effort (fast, gpu, paper).
 
 A preset is a partial recipe (a nested dict of field values). Defaults that depend on the
 method (G, split shortcut, weight init, AdaRound, DMQ's stage lengths) are declared by the
@@ -13,11 +13,14 @@ from quest_export.recipe.config import QuantRecipe
 
 W8A8 = QuantRecipe(w_bits=8, a_bits=8)
 W4A8 = QuantRecipe(w_bits=4, a_bits=8)
+W4A6 = QuantRecipe(w_bits=4, a_bits=6)
 W4A4 = QuantRecipe(w_bits=4, a_bits=4, w_symmetric=False, a_symmetric=False)
 
 BITS: dict[str, dict] = {
     "w8a8": {"quant": {"w_bits": 8, "a_bits": 8}},
     "w4a8": {"quant": {"w_bits": 4, "a_bits": 8}},
+    # DMQ's headline setting (quest.md 7.6): 6-bit per-tensor activations, min/max init like A8
+    "w4a6": {"quant": {"w_bits": 4, "a_bits": 6}},
     # 4-bit activations need a searched clipping range: min/max init leaves W4A4 unusable for every method
     # (fmnist-cond, qdiffusion: FD 393 with min/max vs 25.5 with MSE), and zero points: with 16 levels a one-sided
     # activation (after SiLU) loses half its grid to a symmetric range (fmnist-cond QuEST, three seeds: FD 10.6

@@ -560,3 +560,10 @@ def test_bad_recipe_files(tmp_path):
         resolve_recipe(recipe=str(tmp_path / "bad.json"))
     with pytest.raises(RecipeError, match="must hold a JSON object"):
         resolve_recipe(recipe=str(write_json(tmp_path / "list.json", [1, 2])))
+
+
+def test_w4a6_preset_resolves_for_every_target():
+    """DMQ's headline setting (quest.md 7.6): 6-bit per-tensor activations, exported in an INT8 container."""
+    for target in ("cpu", "jetson", "jetson-orin-jp51", "gpu"):
+        q = resolve_recipe(bits="w4a6", target=target).quant
+        assert (q.w_bits, q.a_bits, q.a_granularity, q.name) == (4, 6, "per-tensor", "w4a6")
