@@ -192,8 +192,11 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     r.backend = backend
     summary = RunSummary(recipe=recipe)
     needed = _needed(stages)
-    not_built = get_method(recipe.quant.method).not_built
-    if not_built and "quantize" in needed:  # refuse before any work is done
+    method = get_method(recipe.quant.method)
+    not_built = method.not_built if "quantize" in needed else None
+    if "export" in needed:
+        not_built = not_built or method.export_not_built(to_jsonable(recipe.dmq))
+    if not_built:  # refuse before any work is done
         from quest_export.errors import NotBuiltError
 
         raise NotBuiltError(not_built)

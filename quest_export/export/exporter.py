@@ -214,6 +214,26 @@ def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
             "feeds": "reference/feeds.json", "groups": groups}  # fmt: skip
 
 
+def refuse_les_pts(artifact: str | Path) -> None:
+    """NotBuiltError for an artifact with DMQ's LES scales or PTS factors: no exact ONNX form of them is written yet,
+    and a graph without them would silently compute something else."""
+    from quest_export.quant.artifact import PLAN_FILE
+
+    plan_file = Path(artifact) / PLAN_FILE
+    if not plan_file.is_file():
+        return  # load_quantized names the missing file
+    meta = json.loads(plan_file.read_text())
+    layers = meta.get("plan", {}).get("layers", [])
+    used = {"les": any(x.get("les") for x in layers), "pts": any(x.get("pts") for x in layers)}
+    if any(used.values()):
+        from quest_export.errors import NotBuiltError
+        from quest_export.recipe.methods import get_method
+
+        n = sum(1 for x in layers if x.get("les") or x.get("pts"))
+        msg = get_method(meta["quant"]["method"]).export_not_built(used) or "export of LES/PTS is not built yet"
+        raise NotBuiltError(f"{msg} ({artifact}: {n} layers)")
+
+
 def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: ExportConfig, out: str | Path, calib,
                        recipe_fingerprint: str, scheduler_config: dict, device: str = "cpu") -> ExportResult:  # fmt: skip
     """Export a quantized artifact for ``target`` into ``out`` (written atomically).
@@ -225,6 +245,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     from quest_export.export.lint import lint_model
     from quest_export.models import load_model
 
+    refuse_les_pts(artifact)
     art = load_quantized(artifact, device="cpu")
     qunet = art.qunet
     quant = art.meta["quant"]

@@ -20,7 +20,7 @@ from quest_export.calib.collect import CalibrationSet
 from quest_export.log import progress
 from quest_export.ptq.reconstruct import reconstruct_act_scales_, reconstruct_weights_
 from quest_export.ptq.units import capture_outputs, find_units
-from quest_export.quant.groups import group_timesteps
+from quest_export.quant.groups import group_timesteps, step_group
 from quest_export.quant.model import QuantizedUNet, QuantMode, quantize_
 from quest_export.quant.observers import weight_scale_search
 from quest_export.recipe.config import DmqConfig, PtqConfig, QuantRecipe
@@ -135,10 +135,12 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
         the quantized handle (weights frozen, every activation row initialised) and a report.
     """
     report = StageAReport()
-    ts = group_timesteps(calib.timesteps, groups)
-    qunet = quantize_(model.unet, quant, group_timesteps=ts)
-    qunet.unet.to(device)
     method = get_method(quant.method)
+    dmq = dmq or DmqConfig()
+    les, pts = method.les and dmq.les, method.pts and dmq.pts
+    ts = group_timesteps(calib.timesteps, groups)
+    qunet = quantize_(model.unet, quant, group_timesteps=ts, pts_layers=dmq.pts_layers if pts else ())
+    qunet.unet.to(device)
     init_weights_(qunet, method=cfg.weight_init or method.weight_init)
     adaround = method.adaround if cfg.adaround is None else cfg.adaround
     gen = torch.Generator().manual_seed(seed)
@@ -152,11 +154,23 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
 
     units = []
     act_recon = method.act_recon and cfg.act_recon_iters > 0
-    if (adaround and cfg.adaround_iters > 0) or act_recon:
+    les = les and dmq.les_iters > 0
+    if (adaround and cfg.adaround_iters > 0) or act_recon or les:
         with torch.no_grad(), qunet.ctx.select(0), qunet.mode(QuantMode.FP):
             units = find_units(qunet.unet, lambda: run_batch(batches[0]))
             targets = capture_outputs(qunet.unet, units, batches, run_batch, store)
         report.units = [u.name for u in units]
+    if les:  # Stage A0 (DMQ): gamma learned on float inputs and targets, folded, weights re-initialised
+        from quest_export.ptq.les import learn_equivalent_scales_
+
+        t0 = time.time()
+        row_groups = torch.tensor([step_group(int(i), calib.steps, groups) for i in calib.step[recon_rows]])
+        with qunet.ctx.select(0):
+            report.les = learn_equivalent_scales_(qunet, units, batches, run_batch, targets, row_groups, cfg=dmq,
+                                                  groups=groups, device=device, store=store,
+                                                  show_progress=show_progress)  # fmt: skip
+        init_weights_(qunet, method=cfg.weight_init or method.weight_init)  # quest.md 4.1 on the folded weights
+        report.seconds["les"] = _elapsed(t0, device)
     if adaround and cfg.adaround_iters > 0:
         t0 = time.time()
         with qunet.ctx.select(0):
@@ -177,5 +191,11 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
                                     batch=cfg.adaround_batch, lr=cfg.act_recon_lr, device=device, store=store,
                                     seed=seed, cuda_graphs=cfg.cuda_graphs, show_progress=show_progress)  # fmt: skip
         report.seconds["act_recon"] = _elapsed(t0, device)
+    if pts:  # Stage A4 (DMQ): per-channel power-of-two factors voted over samples of every group
+        from quest_export.ptq.pts import power_of_two_scales_
+
+        t0 = time.time()
+        report.pts = power_of_two_scales_(qunet, calib, dmq, device=device, seed=dmq.seed, pooled=pooled)
+        report.seconds["pts"] = _elapsed(t0, device)
     report.eps_mse = eps_mse_per_group(qunet, calib, device=device)
     return qunet, report
