@@ -101,7 +101,7 @@ def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dic
         a_bits = iq.bits if iq is not None else (acts[s.shared_input].bits if s.shared_input in acts else None)
         recs.append({"name": name, "kind": s.kind, "w_bits": s.w_bits, "a_bits": a_bits, "storage": storage,
                      "a_storage": acts[a_name].storage if a_name in acts else "float", "split_at": s.split_at,
-                     "role": s.role})  # fmt: skip
+                     "role": s.role, "les": s.les, "pts": s.pts})  # fmt: skip
     return recs
 
 
@@ -214,24 +214,23 @@ def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
             "feeds": "reference/feeds.json", "groups": groups}  # fmt: skip
 
 
-def refuse_les_pts(artifact: str | Path) -> None:
-    """NotBuiltError for an artifact with DMQ's LES scales or PTS factors: no exact ONNX form of them is written yet,
-    and a graph without them would silently compute something else."""
+def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
+    """NotBuiltError for PTS factors on a TensorRT target: per-channel activation scales are not TensorRT's, and
+    folding the factors into the next layer's weights is not built yet; a graph without them would compute
+    something else."""
     from quest_export.quant.artifact import PLAN_FILE
 
     plan_file = Path(artifact) / PLAN_FILE
-    if not plan_file.is_file():
-        return  # load_quantized names the missing file
+    if not target.is_tensorrt or not plan_file.is_file():
+        return  # load_quantized names a missing file
     meta = json.loads(plan_file.read_text())
     layers = meta.get("plan", {}).get("layers", [])
-    used = {"les": any(x.get("les") for x in layers), "pts": any(x.get("pts") for x in layers)}
-    if any(used.values()):
+    if any(x.get("pts") for x in layers):
         from quest_export.errors import NotBuiltError
         from quest_export.recipe.methods import get_method
 
-        n = sum(1 for x in layers if x.get("les") or x.get("pts"))
-        msg = get_method(meta["quant"]["method"]).export_not_built(used) or "export of LES/PTS is not built yet"
-        raise NotBuiltError(f"{msg} ({artifact}: {n} layers)")
+        msg = get_method(meta["quant"]["method"]).export_not_built({"pts": True}, tensorrt=True)
+        raise NotBuiltError(msg or f"PTS export for TensorRT target '{target.id}' is not built yet")
 
 
 def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: ExportConfig, out: str | Path, calib,
@@ -245,7 +244,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     from quest_export.export.lint import lint_model
     from quest_export.models import load_model
 
-    refuse_les_pts(artifact)
+    refuse_pts_on_tensorrt(artifact, target)
     art = load_quantized(artifact, device="cpu")
     qunet = art.qunet
     quant = art.meta["quant"]

@@ -95,14 +95,17 @@ class Method:
     def uses_dmq_config(self) -> bool:
         return self.les or self.pts
 
-    def export_not_built(self, dmq: dict) -> str | None:
-        """The one line an export refuses with while LES / PTS have no exact ONNX form; None = exportable."""
-        used = [n for n, on in (("LES", self.les and dmq.get("les")), ("PTS", self.pts and dmq.get("pts"))) if on]
-        if not used:
+    def export_not_built(self, dmq: dict, *, tensorrt: bool) -> str | None:
+        """The one line an export refuses with where it cannot be exact yet; None = exportable.
+
+        LES exports everywhere (gamma folded into W_int, a Div by gamma before the input Q). PTS needs
+        per-channel activation scales (ONNX Runtime) or factors folded into the next weights (not built).
+        """
+        if not (tensorrt and self.pts and dmq.get("pts")):
             return None
-        off = " ".join(f"--set dmq.{n.lower()}=false" for n in used)
-        return (f"export of {' and '.join(used)} (method '{self.name}') is not built yet: the fake-quant model runs "
-                f"and evaluates, but no exact ONNX form is written; quantize with {off} or use --method quest")  # fmt: skip
+        return (f"PTS export for TensorRT targets (method '{self.name}') is not built yet: its per-channel "
+                "power-of-two activation factors run on ONNX Runtime only; quantize with --set dmq.pts=false "
+                "or use --target cpu")  # fmt: skip
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -139,7 +139,7 @@ def test_debug_shows_the_traceback(model_dirs):
 QUICK = ["--set", "calib.samples_per_group=2", "--set", "sampler.steps=2"]
 
 
-def test_dmq_quantize_runs_and_its_export_says_not_built(model_dirs, tmp_path):
+def test_dmq_quantize_and_export(model_dirs, tmp_path):
     dmq = ["--set", "dmq.les_iters=2", "--set", "dmq.pts_samples=4", "--set", "ptq.adaround_iters=1",
            "--set", "ptq.act_batch=4"]  # fmt: skip
     result = invoke("--quiet", "quantize", "--model", str(model_dirs["cond"]), "--method", "dmq", *QUICK, *dmq)
@@ -147,11 +147,13 @@ def test_dmq_quantize_runs_and_its_export_says_not_built(model_dirs, tmp_path):
     runs = list((tmp_path / "work" / "runs" / "quantize").glob("*-dmq-w8a8-*"))
     assert len(runs) == 1 and (runs[0] / "manifest.json").is_file()
     result = invoke("--quiet", "export", str(runs[0]), "--out", str(tmp_path / "exp"), "--target", "cpu")
-    assert_user_error(result, "export of LES and PTS (method 'dmq') is not built yet")
-    assert not (tmp_path / "exp").exists()
+    assert result.exit_code == 0, result.output  # ONNX Runtime: LES as a Div, PTS as per-channel Q/DQ scales
+    result = invoke("--quiet", "export", str(runs[0]), "--out", str(tmp_path / "trt"), "--target", "jetson")
+    assert_user_error(result, "PTS export for TensorRT targets (method 'dmq') is not built yet")
+    assert not (tmp_path / "trt").exists()
 
 
-def test_dmq_build_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch):
+def test_dmq_build_for_tensorrt_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch):
     import quest_export.ptq.stage_a as stage_a
 
     def no_stage_a(*args, **kwargs):
@@ -159,14 +161,7 @@ def test_dmq_build_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch)
 
     monkeypatch.setattr(stage_a, "run_stage_a", no_stage_a)
     for method in ("dmq", "dmq+quest"):
-        result = invoke("--quiet", "build", "--model", str(model_dirs["cond"]), "--method", method, *QUICK)
-        assert_user_error(result, f"export of LES and PTS (method '{method}') is not built yet")
+        result = invoke("--quiet", "build", "--model", str(model_dirs["cond"]), "--method", method, "--target",
+                        "jetson", *QUICK)  # fmt: skip
+        assert_user_error(result, f"PTS export for TensorRT targets (method '{method}') is not built yet")
     assert not (tmp_path / "work" / "runs").exists()
-    # without LES and PTS the build is plain AdaRound + per-group activations, which exports
-    assert get_method_export("dmq", {"les": False, "pts": False}) is None
-
-
-def get_method_export(name, dmq):
-    from quest_export.recipe.methods import get_method
-
-    return get_method(name).export_not_built(dmq)

@@ -163,13 +163,13 @@ def test_method_runs_end_to_end_on_the_tiny_unet(method, calib_cond, tmp_path):
     art = load_quantized(out, model=tiny_model("cond"))
     with torch.no_grad(), art.qunet.mode(QuantMode.FULL):
         assert torch.equal(run_unet(art.qunet.unet, *batch), y)
-    # no exact ONNX form of LES / PTS yet: the exporter refuses, naming what to do
+    # PTS has no exact TensorRT form yet: a TensorRT export refuses before any work, naming what to do
     from quest_export.export.exporter import onnx_from_artifact
     from quest_export.recipe.config import ExportConfig
     from quest_export.recipe.targets import load_target
 
-    with pytest.raises(NotBuiltError, match=r"export of LES and PTS .* is not built yet.*--set dmq.les=false"):
-        onnx_from_artifact(out, target=load_target("cpu"), cfg=ExportConfig(), out=tmp_path / "exp",
+    with pytest.raises(NotBuiltError, match=r"PTS export for TensorRT targets .* is not built yet.*dmq.pts=false"):
+        onnx_from_artifact(out, target=load_target("jetson"), cfg=ExportConfig(), out=tmp_path / "exp",
                            calib=calib_cond, recipe_fingerprint="0" * 64, scheduler_config={})  # fmt: skip
     assert not (tmp_path / "exp").exists()
 
