@@ -882,8 +882,12 @@ def _per_axis_low_bit_bounds(g: _Graph, q: onnx.NodeProto, s: np.ndarray, bits: 
         return _Finding(g.label(q), f"per-axis INT8 Q of A{bits} layer '{name}' has no per-channel bounds "
                         f"(Max(Min(x, hi), lo)) before it, so the container carries 8-bit activations.", fix)  # fmt: skip
     lo, hi = g.array(mx.input[1]), g.array(mn.input[1])
-    if lo is None or hi is None or lo.size != s.size or hi.size != s.size or not (
-        np.array_equal(lo.reshape(-1), lo_want) and np.array_equal(hi.reshape(-1), hi_want)
+    if (
+        lo is None
+        or hi is None
+        or lo.size != s.size
+        or hi.size != s.size
+        or not (np.array_equal(lo.reshape(-1), lo_want) and np.array_equal(hi.reshape(-1), hi_want))
     ):
         return _Finding(g.label(mx), f"per-channel bounds before the INT8 Q of A{bits} layer '{name}' are not exactly "
                         f"[({q_min} - z) s, ({q_max} - z) s].", fix)  # fmt: skip

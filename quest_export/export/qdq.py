@@ -182,7 +182,9 @@ class QdqEmitter:
             for wq in m.weight_quantizers():
                 self._install_weight(m, wq)
             if m.les_scale is not None:  # gamma, shaped to broadcast along the input channels: a named initializer
-                self._buffer(m, "export_les_scale", m.les_scale.view(-1, 1, 1) if m.spec.kind == "conv" else m.les_scale)
+                self._buffer(
+                    m, "export_les_scale", m.les_scale.view(-1, 1, 1) if m.spec.kind == "conv" else m.les_scale
+                )
 
     def _install_weight(self, m: QuantModule, wq: WeightQuantizer) -> None:
         if not wq.frozen:
