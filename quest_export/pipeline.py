@@ -390,7 +390,8 @@ def info(recipe: Recipe) -> dict:
     from quest_export.quant.model import plan_quantization
 
     model = load_model(recipe.model.name, cond=recipe.model.cond)
-    plan = plan_quantization(model.unet, recipe.quant, groups=recipe.quant.timestep_groups)
+    pts = recipe.dmq.pts_layers if recipe.dmq.pts else ()  # used only by methods that declare PTS
+    plan = plan_quantization(model.unet, recipe.quant, groups=recipe.quant.timestep_groups, pts_layers=pts)
     params = sum(p.numel() for p in model.unet.parameters())
     return {"model": model.name, "class": model.info.class_name, "family": model.family, "parameters": params,
             "sample_shape": model.sample_shape, "sampler": model.info.sampling, "plan": plan.to_dict(),
