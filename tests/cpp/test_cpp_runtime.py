@@ -6,8 +6,9 @@ What is checked:
      on the same x_T, model outputs and variance noise;
   3. the timestep-group rule g(t) = max{g : t_g >= t}, 0 if t > t_0;
   4. the manifest check refuses a tampered, a missing and an escaping file, and an unknown schema, with one line;
-  5. sha256 against hashlib, the JSON parser against Python's json, safetensors against the safetensors package;
-  6. the PNG writer: the file decodes with zlib/struct to the same pixels, and the grid equals images.make_grid;
+  5. sha256 (OpenSSL EVP) against hashlib, JSON (nlohmann/json) against Python's json, the own safetensors reader
+     against the safetensors package;
+  6. the PNG writer (libpng): the file decodes with zlib/struct to the same pixels, the grid equals images.make_grid;
   7. where the ONNX Runtime backend is built: a tiny ONNX model through the C++ backend vs onnxruntime Python,
      and quest_sample end to end (guidance, scale-input groups) vs the same loop in Python.
 
@@ -19,21 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
 import struct
 import subprocess
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SRC = REPO / "runtime" / "cpp"
-BUILD_TIMEOUT_S = 900
+from tests.cpp.cppbuild import SRC, Build, run  # noqa: F401 - the `build` fixture is in conftest.py
 
 # DDIM agreement with diffusers (which steps in float32): |cpp - ref| <= RTOL * |ref| + ATOL_REL * max|ref|,
 # over every step of the trajectory. Measured (x86-64, gcc 12, diffusers 0.42.1): at most 3.5e-7 of max|ref|
@@ -43,67 +38,6 @@ DDIM_ATOL_REL = 1e-5
 # Against quest_export_runtime.schedulers (same float32 tables, float64 steps): measured bit-identical (0 ulp);
 # 1e-7 of max|ref| allows one or two float32 ulps of reordering and still catches float64 tables (~1e-6).
 NUMPY_REF_ATOL_REL = 1e-7
-
-
-# --------------------------------------------------------------------------- build
-
-
-def _ort_root() -> Path | None:
-    candidates = []
-    if os.environ.get("ONNXRUNTIME_ROOT"):
-        candidates.append(Path(os.environ["ONNXRUNTIME_ROOT"]))
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    candidates.append(cache / "quest-export" / "onnxruntime")
-    for c in candidates:
-        headers = (c / "include" / "onnxruntime" / "onnxruntime_cxx_api.h").is_file() or (
-            c / "include" / "onnxruntime_cxx_api.h"
-        ).is_file()
-        if headers and (c / "lib" / "libonnxruntime.so").exists():
-            return c
-    return None
-
-
-@dataclass
-class Build:
-    dir: Path
-    configure_log: str
-    ort_requested: bool
-
-    def exe(self, name: str) -> Path:
-        return self.dir / name
-
-    def ort_built(self) -> bool:
-        out = subprocess.run([str(self.exe("quest_sample")), "--list-backends"], capture_output=True, text=True)
-        return "ort: built" in out.stdout
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory) -> Build:
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake not found; install cmake >= 3.16 to build runtime/cpp")
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler found (c++, g++, clang++ or $CXX); install g++ to build runtime/cpp")
-    bdir = tmp_path_factory.mktemp("cpp-build")
-    cmd = ["cmake", "-S", str(SRC), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release", "-DQUEST_WERROR=ON"]
-    ort = _ort_root()
-    if ort is not None:
-        cmd.append(f"-DONNXRUNTIME_ROOT={ort}")
-    conf = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    assert conf.returncode == 0, f"cmake configure failed:\n{conf.stdout}\n{conf.stderr}"
-    jobs = str(max(1, min(os.cpu_count() or 1, 4)))
-    made = subprocess.run(
-        ["cmake", "--build", str(bdir), "-j", jobs], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
-    )
-    assert made.returncode == 0, f"build failed (warnings are errors):\n{made.stdout[-6000:]}\n{made.stderr[-6000:]}"
-    return Build(bdir, conf.stdout + conf.stderr, ort is not None)
-
-
-def run(build: Build, exe: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(build.exe(exe)), *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, f"{exe} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}"
-    return proc
 
 
 # --------------------------------------------------------------------------- 1. build and backend detection
@@ -141,6 +75,27 @@ def test_missing_onnxruntime_is_explained(build, tmp_path):
         pytest.skip(f"ONNX Runtime found in the system paths despite the bogus prefix: {line}")
     for word in ("onnxruntime_cxx_api.h", "libonnxruntime.so", str(bogus), "-DONNXRUNTIME_ROOT"):
         assert word in line, line
+
+
+@pytest.mark.parametrize(
+    "package,words",
+    [
+        ("nlohmann_json", ("nlohmann/json", "nlohmann-json3-dev")),
+        ("OpenSSL", ("libcrypto", "libssl-dev")),
+        ("PNG", ("libpng", "libpng-dev")),
+    ],
+)
+def test_missing_core_library_stops_configure_with_the_package(build, tmp_path, package, words):
+    """A core library CMake cannot find stops configure with one message naming it and the apt package."""
+    proc = subprocess.run(
+        ["cmake", "-S", str(SRC), "-B", str(tmp_path / "b"), f"-DCMAKE_DISABLE_FIND_PACKAGE_{package}=ON",
+         "-DQUEST_WITH_TRT=OFF", "-DQUEST_WITH_ORT=OFF"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0, "configure succeeded without " + package
+    err = " ".join(proc.stderr.split())
+    for w in (*words, "make system-deps"):
+        assert w in err, err
 
 
 # --------------------------------------------------------------------------- 2. DDIM vs diffusers
@@ -592,10 +547,13 @@ def test_json_round_trips_against_python(build, tmp_path, i):
     assert json.loads(out) == json.loads(text)
 
 
-def test_json_reads_python_nonfinite_numbers(build, tmp_path):
-    (tmp_path / "doc.json").write_text(json.dumps({"a": float("nan"), "b": float("inf"), "c": [-float("inf")]}))
-    out = json.loads(run(build, "quest_selftest", "json", tmp_path / "doc.json").stdout)
-    assert math.isnan(out["a"]) and out["b"] == math.inf and out["c"] == [-math.inf]
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_json_refuses_nonfinite_tokens(build, tmp_path, token):
+    """nlohmann/json reads strict RFC 8259, so quest_export writes manifests with allow_nan=False (test_manifest.py)."""
+    (tmp_path / "doc.json").write_text(json.dumps({"a": [1.0, float(token.replace("Infinity", "inf"))]}))
+    assert token in (tmp_path / "doc.json").read_text()
+    proc = run(build, "quest_selftest", "json", tmp_path / "doc.json", check=False)
+    assert proc.returncode == 2 and "invalid JSON at line 1" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -652,8 +610,35 @@ def test_safetensors_reader_matches_the_safetensors_package(build, tmp_path):
 # --------------------------------------------------------------------------- 6. PNG
 
 
+def _unfilter(rows: np.ndarray, bpp: int) -> np.ndarray:
+    """Undo the PNG scanline filters (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth): rows (H, 1 + W*C) -> (H, W*C)."""
+    h, n = rows.shape[0], rows.shape[1] - 1
+    out = np.zeros((h, n), dtype=np.int64)
+    for y in range(h):
+        kind, line = rows[y, 0], rows[y, 1:].astype(np.int64)
+        up = out[y - 1] if y else np.zeros(n, dtype=np.int64)
+        if kind in (0, 2):
+            out[y] = (line + (up if kind == 2 else 0)) & 0xFF
+            continue
+        assert kind in (1, 3, 4), f"unknown PNG filter type {kind}"
+        cur = out[y]
+        for x in range(n):
+            a = cur[x - bpp] if x >= bpp else 0
+            b, c = up[x], (up[x - bpp] if x >= bpp else 0)
+            if kind == 1:
+                pred = a
+            elif kind == 3:
+                pred = (a + b) // 2
+            else:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            cur[x] = (line[x] + pred) & 0xFF
+    return out.astype(np.uint8)
+
+
 def decode_png(path: Path) -> np.ndarray:
-    """Minimal PNG decoder for 8-bit grey/RGB, filter 0 (what the writer produces); checks every CRC."""
+    """PNG decoder for 8-bit grey/RGB (what the libpng writer produces); checks every CRC and the zlib stream."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, ihdr = 8, b"", None
@@ -673,9 +658,7 @@ def decode_png(path: Path) -> np.ndarray:
     assert depth == 8 and color in (0, 2) and interlace == 0
     ch = 1 if color == 0 else 3
     raw = zlib.decompress(idat)  # checks the Adler-32 too
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * ch)
-    assert (rows[:, 0] == 0).all(), "filter type must be 0"
-    img = rows[:, 1:].reshape(h, w, ch)
+    img = _unfilter(np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * ch), ch).reshape(h, w, ch)
     return img[:, :, 0] if ch == 1 else img
 
 
