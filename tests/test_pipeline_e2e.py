@@ -120,9 +120,9 @@ def test_jetson_bundle_contents(runs):
     build_sh = bundle / "build.sh"
     assert build_sh.is_file() and os.access(build_sh, os.X_OK) and "trtexec" in build_sh.read_text()
     assert (bundle / "build_engine.py").is_file() and (bundle / "README.md").is_file()
-    runtime = bundle / "quest_export_runtime" / "quest_export"
-    assert (runtime / "runtime" / "bundle.py").is_file() and (runtime / "recipe" / "manifest.py").is_file()
-    assert not list(runtime.rglob("*.pt")) and not (runtime / "quant").exists()  # the torch-free part only
+    runtime = bundle / "quest_export_runtime"  # the torch-free runtime package, and nothing of quest_export
+    assert (runtime / "bundle.py").is_file() and (runtime / "manifest.py").is_file()
+    assert not list(runtime.rglob("*.pt")) and not (bundle / "quest_export").exists()
     # sha256 of every file (verify.json is written beside, after the manifest)
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     files = on_disk - {"manifest.json", "verify.json"}
