@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     import torch
+    from quest_export_runtime.pipeline import RuntimePipeline
 
     from quest_export.eval import compare_images, score
     from quest_export.models.sampling import SamplerSpec, sample
     from quest_export.quant.model import QuantMode
-    from quest_export.runtime.pipeline import RuntimePipeline
     from quest_export.verify.harness import _torch_reference
 
     p = argparse.ArgumentParser()

@@ -1,7 +1,8 @@
 """quest-export: QuEST low-bit diffusion quantization, QDQ ONNX export and verified engines.
 
-This module holds only the version string and lazy re-exports, because every
-``import quest_export.runtime`` (on a bare Jetson, without torch) runs it first.
+This module holds only the version string and lazy re-exports, so that importing a torch-free
+module (``quest_export.recipe``, ``quest_export.build``) stays cheap. The device runtime is the separate
+package ``quest_export_runtime`` (runtime/python/), whose version equals this one.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from quest_export.recipe.presets import BITS, PAPER_B_EPOCHS
 from quest_export.recipe.resolve import build_recipe, fill_method_defaults, merge_layers, parse_set
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 ALL = ("calibrate", "quantize", "export", "build", "verify")
 METHODS = method_names()  # the registered methods (recipe/methods.py), for the CLI's help
 BITS_PRESETS = tuple(BITS)
@@ -132,18 +131,20 @@ def resolve_device(recipe: Recipe) -> str:
 class _Run:
     """State shared by the stages of one run (paths, keys, the float model once loaded)."""
 
-    def __init__(self, recipe: Recipe, *, work: Path | None, out: Path | None, force: tuple[str, ...], resume: bool,
-                 show_progress: bool) -> None:  # fmt: skip
+    def __init__(self, recipe: Recipe, *, work: Path | None, outs: dict[str, Path], force: tuple[str, ...],
+                 resume: bool, show_progress: bool) -> None:  # fmt: skip
         from quest_export.models.loading import resolve_model, source_hash
+        from quest_export.workdir import WorkDirs
 
         self.recipe, self.force, self.resume, self.show = recipe, set(force), resume, show_progress
-        self.work = Path(work) if work else ROOT
+        self.dirs = WorkDirs.resolve(work)
+        self.outs = outs  # stage -> folder the user chose (--out) instead of the work folder's default
         self.info = resolve_model(recipe.model.name, cond=recipe.model.cond)
         self.keys = stage_keys(recipe, source_hash(self.info))
         self.device = resolve_device(recipe)
         q = recipe.quant
         self.tag = f"{Path(recipe.model.name).name}-{q.method}-{q.name}"
-        self.out = Path(out) if out else self.work / "engines" / "out" / f"{self.tag}-{recipe.target.id}"
+        self.out = outs.get("build") or self.dirs.engines / f"{self.tag}-{recipe.target.id}"
         self.backend: str | None = None  # "trt": the engine must be built here
         self.built_now: set[str] = set()  # stages computed (not reused) in this run
         self._model = None
@@ -158,7 +159,7 @@ class _Run:
     def reusable(self, stage: str, path: Path) -> bool:
         if stage in self.force or "all" in self.force or not (path / "manifest.json").is_file():
             return False
-        from quest_export.recipe.manifest import read_manifest, verify_files
+        from quest_export_runtime.manifest import read_manifest, verify_files
 
         try:
             m = read_manifest(path)
@@ -171,7 +172,7 @@ class _Run:
 
 def _stamp(path: Path, key: str) -> None:
     """Record the stage key inside an artifact's manifest (after the atomic write)."""
-    from quest_export.recipe.manifest import write_json_atomic
+    from quest_export_runtime.manifest import write_json_atomic
 
     m = json.loads((path / "manifest.json").read_text())
     m["stage_key"] = key
@@ -184,14 +185,19 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     """Run ``stages`` in order, reusing finished ones. ``on_stage(result)`` is called after each.
 
     Args:
+        out: folder of the last stage's artifact (for ``verify``, the build folder); earlier stages and the
+            default go under the work folder.
+        work: where stage artifacts go (quest_export.workdir: default $QUEST_EXPORT_WORK, else the current directory).
         backend: None = the target's runtime (a TensorRT target gets a bundle, plus the engine where TensorRT
             and a matching GPU are here); "trt" insists on the engine and fails where it cannot be built.
     """
-    r = _Run(recipe, work=Path(work) if work else None, out=Path(out) if out else None, force=force, resume=resume,
+    needed = _needed(stages)
+    last = "build" if needed[-1] == "verify" else needed[-1]
+    outs = {last: Path(out).expanduser().absolute()} if out else {}  # artifacts record each other's paths
+    r = _Run(recipe, work=Path(work) if work else None, outs=outs, force=force, resume=resume,
              show_progress=show_progress)  # fmt: skip
     r.backend = backend
     summary = RunSummary(recipe=recipe)
-    needed = _needed(stages)
     method = get_method(recipe.quant.method)
     not_built = method.not_built if "quantize" in needed else None
     if "export" in needed:
@@ -229,11 +235,26 @@ def _needed(stages) -> list[str]:
 # -- stages ------------------------------------------------------------------------------------------
 
 
+def _claim(r: _Run, stage: str, path: Path) -> None:
+    """Refuse to overwrite a folder that holds this stage's artifact of another recipe (a --out chosen twice)."""
+    if not (path / "manifest.json").is_file() or stage in r.force or "all" in r.force:
+        return
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # unreadable: not reusable, rewritten atomically
+    if m.get("stage_key") not in (None, r.keys[stage]):
+        raise ArtifactError(f"{path} holds a {stage} artifact of another recipe "
+                            f"({str(m.get('recipe_fingerprint', '?'))[:12]}); choose another --out, remove the folder, "
+                            f"or pass --force {stage}")  # fmt: skip
+
+
 def _calibrate(r: _Run, paths):
     from quest_export.calib.collect import collect
     from quest_export.models.sampling import SamplerSpec
 
-    path = r.work / "calib" / "cache" / f"{Path(r.recipe.model.name).name}-{r.keys['calibrate']}"
+    path = r.outs.get("calibrate") or r.dirs.calib_cache / f"{Path(r.recipe.model.name).name}-{r.keys['calibrate']}"
+    _claim(r, "calibrate", path)
     if r.reusable("calibrate", path):
         return path, True, {}
     s = r.recipe.sampler
@@ -251,7 +272,8 @@ def _quantize(r: _Run, paths):
     from quest_export.quant.artifact import save_quantized
 
     rec = r.recipe
-    path = r.work / "runs" / "quantize" / f"{r.tag}-{r.keys['quantize']}"
+    path = r.outs.get("quantize") or r.dirs.quantize / f"{r.tag}-{r.keys['quantize']}"
+    _claim(r, "quantize", path)
     if r.reusable("quantize", path):
         return path, True, {}
     calib = CalibrationSet.load(paths["calibrate"])
@@ -278,7 +300,8 @@ def _export(r: _Run, paths):
     from quest_export.calib.collect import CalibrationSet
     from quest_export.export.exporter import onnx_from_artifact
 
-    path = r.work / "runs" / "export" / f"{r.tag}-{r.recipe.target.id}-{r.keys['export']}"
+    path = r.outs.get("export") or r.dirs.export / f"{r.tag}-{r.recipe.target.id}-{r.keys['export']}"
+    _claim(r, "export", path)
     if r.reusable("export", path):
         m = json.loads((path / "manifest.json").read_text())
         return path, True, {"precision": m["precision"], "onnx": m["onnx"]}
@@ -291,13 +314,9 @@ def _export(r: _Run, paths):
 
 def _build(r: _Run, paths):
     out = r.out
-    if (out / "manifest.json").is_file():
-        m = json.loads((out / "manifest.json").read_text())
-        if m.get("stage_key") not in (None, r.keys["build"]) and "build" not in r.force:
-            raise ArtifactError(f"{out} holds a build of another recipe ({m.get('recipe_fingerprint', '?')[:12]}); "
-                                "choose another --out, remove the folder, or pass --force build")  # fmt: skip
-        if r.reusable("build", out):
-            return out, True, {"kind": m.get("stage")}
+    _claim(r, "build", out)
+    if r.reusable("build", out):
+        return out, True, {"kind": json.loads((out / "manifest.json").read_text()).get("stage")}
     target = r.recipe.target
     if target.is_tensorrt:
         from quest_export.build.bundle import bundle_from_export
@@ -325,11 +344,11 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
     insist = r.backend == "trt"
     if importlib.util.find_spec("tensorrt") is None:
         if insist:
-            from quest_export.build.trt import require_tensorrt
+            from quest_export_runtime.engine_build import require_tensorrt
 
             require_tensorrt()  # raises TensorRTUnavailableError with what to do; the bundle is already written
         return "not built: TensorRT is not installed here; run build.sh (or build_engine.py) on the device"
-    from quest_export.build.trt import engines_from_bundle, query_compute_capability
+    from quest_export_runtime.engine_build import engines_from_bundle, query_compute_capability
 
     cc = query_compute_capability()
     if cc not in target.compute_capability:
@@ -345,7 +364,8 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
 
 def _verify(r: _Run, paths):
     """Verify the built folder; a passed verify.json of the same build and thresholds is reused."""
-    from quest_export.recipe.manifest import write_json_atomic
+    from quest_export_runtime.manifest import write_json_atomic
+
     from quest_export.verify.harness import verify_build
 
     key = _key("verify", r.keys["build"], r.recipe.verify, r.backend)
@@ -430,6 +450,15 @@ def verify(path: str | Path, recipe: Recipe | None = None, *, quantized: str | N
     return verify_build(path, recipe=recipe, quantized=quantized, backend=backend, device=device)
 
 
+def check_manifest(path: str | Path) -> str:
+    """Only the shared manifest check of an artifact folder (``quest-export verify DIR --manifest-only``)."""
+    from quest_export_runtime.manifest import Manifest
+
+    m = Manifest.read(path)
+    m.check()
+    return f"{m.root}: manifest OK (stage {m.stage}, {len(m.files)} files verified)"
+
+
 def format_verify(report: dict) -> str:
     from quest_export.verify.harness import format_table
 
@@ -450,10 +479,11 @@ def lint(path: str | Path, target: str, *, layers: str | None = None) -> dict:
 
 def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, steps: int | None = None) -> Path:
     """Sample the float model (torch) into a PNG grid."""
+    from quest_export_runtime.images import save_grid
+
     from quest_export.eval import generate
     from quest_export.models import load_model
     from quest_export.models.sampling import SamplerSpec
-    from quest_export.runtime.images import save_grid
 
     s = recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
@@ -468,7 +498,7 @@ def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, step
 def sample_artifact(path: str | Path, *, n: int, out: str | Path, seed: int = 0, backend: str | None = None,
                     steps: int | None = None, labels: list[str] | None = None) -> Path:  # fmt: skip
     """Sample an export, ORT build, bundle or engine folder with the torch-free runtime into a PNG grid."""
-    from quest_export.runtime.pipeline import RuntimePipeline
+    from quest_export_runtime.pipeline import RuntimePipeline
 
     with RuntimePipeline.from_artifact(path, backend=backend) as pipe:
         imgs = pipe(class_labels=labels, num_images=n, seed=seed, steps=steps)
@@ -513,7 +543,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
     with ctx:
         rep, imgs = _evaluate(unet, model, spec, n=n, seed=seed, batch=batch, device=device)
     if grid:
-        from quest_export.runtime.images import save_grid
+        from quest_export_runtime.images import save_grid
 
         save_grid(imgs[:100], grid, nrow=10)
     return {**rep.to_dict(), "model": model.name, "quantized": quantized, "device": device, "merged": merge_groups}
@@ -521,7 +551,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
 
 def build_from_bundle(bundle: str | Path, *, out: str | Path | None = None, allow_experimental: bool = False) -> int:
     """On the device: build the TensorRT engine(s) of a bundle (``quest-export build --from BUNDLE``)."""
-    from quest_export.build.trt import main as trt_main
+    from quest_export_runtime.engine_build import main as trt_main
 
     argv = (
         [str(bundle)] + (["--out", str(out)] if out else []) + (["--allow-experimental"] if allow_experimental else [])

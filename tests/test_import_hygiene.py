@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_FREE = ["quest_export.recipe", "quest_export.runtime", "quest_export.runtime.pipeline", "quest_export.runtime.bundle",
-              "quest_export.runtime.schedulers", "quest_export.build.trt", "quest_export.build.ort",
-              "quest_export.build.bundle", "quest_export.report", "quest_export.verify", "quest_export.verify.metrics",
-              "quest_export.export.lint", "cli.main"]  # fmt: skip
+RUNTIME_MODULES = sorted(f"quest_export_runtime.{p.stem}" for p in (REPO / "runtime" / "python" / "quest_export_runtime").glob("*.py")
+                         if p.stem != "__init__")  # fmt: skip
+TORCH_FREE = ["quest_export_runtime", *RUNTIME_MODULES, "quest_export.recipe", "quest_export.errors",
+              "quest_export.build.trt", "quest_export.build.ort", "quest_export.build.bundle", "quest_export.report",
+              "quest_export.verify", "quest_export.verify.metrics", "quest_export.export.lint", "cli.main"]  # fmt: skip
 VERBS = ["info", "calibrate", "quantize", "export", "build", "verify", "sample", "eval", "report", "lint"]
 
 
@@ -30,6 +31,34 @@ def python(code: str, *args: str) -> subprocess.CompletedProcess:
 def test_imports_with_torch_blocked(module):
     proc = python(f"import sys; sys.modules['torch'] = None; import {module}")  # any `import torch` now raises
     assert proc.returncode == 0, f"{module} needs torch on import:\n{proc.stderr}"
+
+
+def test_runtime_modules_are_found():
+    assert {"quest_export_runtime.bundle", "quest_export_runtime.session", "quest_export_runtime.engine_build"} <= set(
+        RUNTIME_MODULES
+    )
+
+
+def test_runtime_imports_nothing_of_the_host_package():
+    """quest_export_runtime is its own distribution: it may not import quest_export (nor torch) at any depth."""
+    bad = [f"{f.relative_to(REPO)}:{line}: {name}" for f in sorted((REPO / "runtime" / "python").rglob("*.py"))
+           for line, name in _quest_imports(f)]  # fmt: skip
+    assert bad == [], "quest_export_runtime may not import quest_export:\n" + "\n".join(bad)
+
+
+def test_runtime_version_is_quest_export_version():
+    import quest_export_runtime
+    import tomllib
+
+    import quest_export
+
+    main = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = tomllib.loads((REPO / "runtime" / "python" / "pyproject.toml").read_text())["project"]
+    assert runtime["version"] == main["version"] == quest_export.__version__ == quest_export_runtime.__version__
+    assert f"quest-export-runtime=={main['version']}" in [
+        d.split(";")[0].replace(" ", "") for d in main["dependencies"]
+    ]
+    assert not [d for d in runtime["dependencies"] if d.split(">")[0].split("=")[0].strip() in ("torch", "tensorrt")]
 
 
 def test_blocking_torch_is_detected():
@@ -49,8 +78,8 @@ def test_recipe_imports_only_the_standard_library():
     assert proc.returncode == 0, proc.stderr
     new = json.loads(proc.stdout.splitlines()[-1])
     assert "quest_export.recipe" in new
-    foreign = [m for m in new
-               if m.split(".")[0] not in sys.stdlib_module_names and m != "quest_export" and not m.startswith("quest_export.")]  # fmt: skip
+    ours = ("quest_export", "quest_export_runtime")
+    foreign = [m for m in new if m.split(".")[0] not in (*sys.stdlib_module_names, *ours)]
     assert foreign == [], f"import quest_export.recipe loaded {foreign}"
 
 

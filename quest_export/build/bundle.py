@@ -3,8 +3,8 @@
 A Jetson engine is built on the Jetson, so an export for it becomes a bundle: the ONNX graph(s), the
 reference data, ``build.sh`` (the rendered ``trtexec`` calls, no Python needed), ``build_engine.py`` (the
 TensorRT Python API through the bundled torch-free ``quest_export_runtime/``), a README and a manifest
-that hashes every file. Imports: the standard library, numpy, ``quest_export.errors``/``recipe`` and
-``quest_export.build.trt``; ``onnx`` lazily (to find external-data files).
+that hashes every file. Imports: the standard library, numpy, ``quest_export.errors``/``recipe``,
+``quest_export.build.trt`` and ``quest_export_runtime``; ``onnx`` lazily (to find external-data files).
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ import shlex
 import shutil
 from pathlib import Path
 
-from quest_export import __version__
-from quest_export.build.trt import BuildPlan, engine_files, plan_build, render_trtexec
-from quest_export.errors import ArtifactError, TargetError
-from quest_export.recipe.config import TargetProfile, VerifyConfig
-from quest_export.recipe.manifest import (
+from quest_export_runtime.engine_build import BuildPlan, engine_files
+from quest_export_runtime.manifest import (
     MANIFEST_NAME,
     atomic_dir,
     read_manifest,
@@ -30,8 +27,12 @@ from quest_export.recipe.manifest import (
     write_manifest,
 )
 
+from quest_export import __version__
+from quest_export.build.trt import plan_build, render_trtexec
+from quest_export.errors import ArtifactError, TargetError
+from quest_export.recipe.config import TargetProfile, VerifyConfig
+
 BASE_KEYS = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created")
-RUNTIME_PARTS = ("__init__.py", "errors.py", "recipe", "runtime", "build")  # the torch-free part of quest_export
 ATOL_FLOOR = 1e-5  # polygraphy's default atol: the bound never goes below it
 
 
@@ -82,7 +83,7 @@ def bundle_from_export(
         verify = _verify_commands(tmp, manifest, refs)
         _write(tmp / "build.sh", render_build_sh(plan, manifest["graphs"], verify), executable=True)
         _write(tmp / "build_engine.py", BUILD_ENGINE_PY, executable=True)
-        _copy_runtime(tmp / "quest_export_runtime" / "quest_export")
+        _copy_runtime(tmp / "quest_export_runtime")
         _write(tmp / "README.md", render_readme(plan, manifest, verify))
         extra = {k: v for k, v in manifest.items() if k not in BASE_KEYS}
         extra["build"] = plan.to_dict()
@@ -134,14 +135,13 @@ def _external_data(onnx_path: Path) -> set[str]:
 
 
 def _copy_runtime(dest: Path) -> None:
-    """quest_export/{__init__,errors}.py and recipe/, runtime/, build/ (*.py only): the torch-free runtime."""
-    src = Path(__file__).resolve().parents[1]
-    for part in RUNTIME_PARTS:
-        files = [src / part] if part.endswith(".py") else sorted((src / part).glob("*.py"))
-        for f in files:
-            target = dest / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, target)
+    """The torch-free runtime package quest_export_runtime (*.py only)."""
+    import quest_export_runtime
+
+    src = Path(quest_export_runtime.__file__).resolve().parent
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.py")):
+        shutil.copy2(f, dest / f.name)
 
 
 def _write(path: Path, text: str, *, executable: bool = False) -> None:
@@ -254,7 +254,7 @@ def render_build_sh(plan: BuildPlan, graphs: list[dict], verify: list[str]) -> s
 
 
 def _platform_check(plan: BuildPlan) -> str:
-    from quest_export.build.trt import JETPACK_L4T
+    from quest_export_runtime.engine_build import JETPACK_L4T
 
     if not plan.jetpack:
         ccs = " ".join(plan.compute_capabilities)
@@ -378,9 +378,9 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True  # keep the hashed bundle free of __pycache__
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "quest_export_runtime"))
+sys.path.insert(0, str(HERE))
 
-from quest_export.build.trt import main  # noqa: E402
+from quest_export_runtime.engine_build import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main([str(HERE), *sys.argv[1:]]))
@@ -424,7 +424,7 @@ compute capability {" or ".join(plan.compute_capabilities)}; typing {plan.typing
 | `reference/` | recorded UNet inputs and the PyTorch fake-quant / float outputs (Polygraphy JSON) |
 | `build.sh` | builds with `trtexec` (no Python needed), after checking L4T and the TensorRT version |
 | `build_engine.py` | builds with the TensorRT Python API; also writes `engine/manifest.json` and the INT8 audit |
-| `quest_export_runtime/` | the torch-free quest-export runtime (numpy + TensorRT) |
+| `quest_export_runtime/` | the torch-free quest-export runtime package (numpy + TensorRT) |
 | `manifest.json` | SHA-256 of every file, the export's keys and the build plan (`build`) |
 
 ## Build
@@ -444,8 +444,8 @@ the fake-quant model's own mean error against the float model.
 
 ## Run
 
-Put the bundled runtime on the path: `export PYTHONPATH=$PWD/quest_export_runtime`, then
-`import quest_export.runtime` in Python 3.10+ with numpy and TensorRT; it checks `engine/manifest.json`
+Put the bundled runtime on the path: `export PYTHONPATH=$PWD`, then
+`import quest_export_runtime` in Python 3.10+ with numpy and TensorRT; it checks `engine/manifest.json`
 (TensorRT version, compute capability, file hashes) before it loads an engine.
 
 ## Known limits

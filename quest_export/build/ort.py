@@ -17,10 +17,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from quest_export_runtime.manifest import atomic_dir, read_manifest, verify_files, write_manifest
+from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS, ORT_SESSION_CONFIG
+
 from quest_export.errors import ArtifactError, TargetError
 from quest_export.recipe.config import TargetProfile
-from quest_export.recipe.manifest import atomic_dir, read_manifest, verify_files, write_manifest
-from quest_export.runtime.session import ORT_DISABLED_OPTIMIZERS, ORT_SESSION_CONFIG
 
 log = logging.getLogger(__name__)
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",

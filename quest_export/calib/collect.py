@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from quest_export_runtime.manifest import atomic_dir, read_manifest, verify_files, write_manifest
 
 from quest_export.errors import ArtifactError
 from quest_export.log import progress
 from quest_export.models.sampling import SamplerSpec, make_scheduler, sample
-from quest_export.recipe.manifest import atomic_dir, read_manifest, verify_files, write_manifest
 
 log = logging.getLogger(__name__)
 DATA_FILE, SPEC_FILE = "calib.safetensors", "spec.json"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from quest_export_runtime.manifest import atomic_dir, write_manifest
 
 from quest_export import __version__
 from quest_export.errors import ExportError, TargetError
@@ -29,7 +30,6 @@ from quest_export.export.qdq import ExportPlan, QdqEmitter, plan_acts
 from quest_export.quant.artifact import load_quantized
 from quest_export.quant.model import QuantizedUNet, QuantMode
 from quest_export.recipe.config import ExportConfig, TargetProfile, to_jsonable
-from quest_export.recipe.manifest import atomic_dir, write_manifest
 
 log = logging.getLogger(__name__)
 INPUTS = ("sample", "timestep", "encoder_hidden_states")

@@ -4,7 +4,7 @@
                             AdaRound bits, weight scales, per-group activation scales / zero points
     quant.json              the plan (every layer's bits and grid), group timesteps, the model it
                             came from (name, hash), the sampler and the conditioning source
-    manifest.json           recipe fingerprint, hashes, versions (quest_export.recipe.manifest)
+    manifest.json           recipe fingerprint, hashes, versions (quest_export_runtime.manifest)
 
 Written atomically: an interrupted write never leaves a folder that loads.
 """
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from quest_export_runtime.manifest import atomic_dir, read_manifest, verify_files, write_manifest
 
 from quest_export.errors import ArtifactError
 from quest_export.quant.model import QuantizedUNet, QuantPlan, quantize_
 from quest_export.recipe.config import QuantRecipe, from_jsonable
-from quest_export.recipe.manifest import atomic_dir, read_manifest, verify_files, write_manifest
 
 STATE_FILE = "quantized.safetensors"
 PLAN_FILE = "quant.json"

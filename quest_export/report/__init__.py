@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quest_export.recipe.manifest import read_manifest
+from quest_export_runtime.manifest import read_manifest
 
 
 def render(path: str | Path) -> str:

@@ -4,9 +4,9 @@
     pipe.unet = EngineUNet.from_artifact("out/bundle")
     images = pipe(num_inference_steps=50).images
 
-The wrapper converts torch tensors to numpy, runs ``quest_export.runtime.pipeline.Denoiser`` (ONNX Runtime or
+The wrapper converts torch tensors to numpy, runs ``quest_export_runtime.pipeline.Denoiser`` (ONNX Runtime or
 TensorRT, with the timestep-group routing of the artifact) and converts the result back to the input's device and
-dtype. This is the only runtime module that imports torch; ``quest_export.runtime`` never imports it.
+dtype. This is the only runtime module that imports torch; ``quest_export_runtime`` never imports it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from quest_export_runtime.bundle import Artifact, open_artifact
+from quest_export_runtime.pipeline import Denoiser
+from quest_export_runtime.session import DeviceInfo
 
 from quest_export.errors import InputError
-from quest_export.runtime.bundle import Artifact, open_artifact
-from quest_export.runtime.pipeline import Denoiser
-from quest_export.runtime.session import DeviceInfo
 
 
 @dataclass

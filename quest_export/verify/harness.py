@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from quest_export_runtime.manifest import write_json_atomic
 
 from quest_export.recipe.config import Recipe, VerifyConfig
-from quest_export.recipe.manifest import write_json_atomic
 from quest_export.verify.metrics import error_stats, psnr
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _load_reference(root: Path, manifest: dict):
 
 def statistical_tier(art, cfg: VerifyConfig, *, backend: str | None = None) -> tuple[Tier, list[np.ndarray], list]:
     """H-3 on the recorded feeds; returns the tier, the run's outputs and the feeds."""
-    from quest_export.runtime.pipeline import Denoiser
+    from quest_export_runtime.pipeline import Denoiser
 
     feeds, fq, fl, groups = _load_reference(art.root, art.manifest)
     rows, ok = [], True
@@ -136,10 +136,10 @@ def exact_tier(art, quantized: Path, cfg: VerifyConfig, *, device: str, max_laye
 def e2e_tier(art, quantized: Path, cfg: VerifyConfig, *, device: str, backend: str | None = None) -> Tier:
     """H-4: the runtime's sampler vs the fake-quant torch sampler, same initial noise and labels."""
     import torch
+    from quest_export_runtime.pipeline import RuntimePipeline
 
     from quest_export.models.sampling import SamplerSpec, sample
     from quest_export.quant.model import QuantMode
-    from quest_export.runtime.pipeline import RuntimePipeline
 
     ref = _torch_reference(quantized, art.manifest, device)
     spec = art.manifest["sampler"]
@@ -196,7 +196,7 @@ def verify_build(path: str | Path, *, recipe: Recipe | None = None, cfg: VerifyC
         quantized: the fake-quant artifact the graph came from (None: from the manifest's ``source``), needed by
             H-2, H-4 and bisection; without torch those tiers are skipped with the reason.
     """
-    from quest_export.runtime.bundle import open_artifact
+    from quest_export_runtime.bundle import open_artifact
 
     path = Path(path)
     cfg = cfg or (recipe.verify if recipe else VerifyConfig())

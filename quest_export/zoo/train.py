@@ -75,9 +75,9 @@ class _EMA:
 
 def train_unet(args: argparse.Namespace) -> None:
     from diffusers import DDPMScheduler
+    from quest_export_runtime.images import save_grid
 
     from quest_export.models.sampling import SamplerSpec, sample
-    from quest_export.runtime.images import save_grid
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

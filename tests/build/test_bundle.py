@@ -17,12 +17,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json, save_json
+from quest_export_runtime.engine_build import BuildPlan
+from quest_export_runtime.manifest import read_manifest, sha256_file, verify_files, write_manifest
 
 from quest_export.build.bundle import bundle_from_export, reference_atol
-from quest_export.build.trt import BuildPlan, plan_build, render_trtexec
+from quest_export.build.trt import plan_build, render_trtexec
 from quest_export.errors import ArtifactError, ManifestMismatch, TargetError
 from quest_export.recipe.config import to_jsonable
-from quest_export.recipe.manifest import read_manifest, sha256_file, verify_files, write_manifest
 from quest_export.recipe.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,15 +157,13 @@ def test_bundle_layout_and_hashes(jp61_bundle):
         assert sha256_file(jp61_bundle / rel) == digest, rel
     for rel in ("model.onnx", "model.onnx.data", "conditioning.safetensors", "reference/inputs.json",
                 "reference/ref_fq.json", "reference/ref_float.json", "reference/feeds.json", "build.sh",
-                "build_engine.py", "README.md", "quest_export_runtime/quest_export/build/trt.py"):  # fmt: skip
+                "build_engine.py", "README.md", "quest_export_runtime/engine_build.py"):  # fmt: skip
         assert rel in files, rel
     assert os.access(jp61_bundle / "build.sh", os.X_OK) and os.access(jp61_bundle / "build_engine.py", os.X_OK)
     verify_files(jp61_bundle)
 
 
-@pytest.mark.parametrize(
-    "rel", ["model.onnx.data", "reference/ref_fq.json", "quest_export_runtime/quest_export/errors.py"]
-)
+@pytest.mark.parametrize("rel", ["model.onnx.data", "reference/ref_fq.json", "quest_export_runtime/errors.py"])
 def test_tampering_is_detected(jp61_bundle, rel):
     path = jp61_bundle / rel
     data = bytearray(path.read_bytes())
@@ -192,19 +191,16 @@ def test_manifest_carries_the_export_keys_and_the_build_plan(tmp_path, jp61_bund
 
 
 def test_bundled_runtime_is_the_torch_free_part_only(jp61_bundle):
-    rt = jp61_bundle / "quest_export_runtime" / "quest_export"
-    assert {p.name for p in rt.iterdir()} == {"__init__.py", "errors.py", "recipe", "runtime", "build"}
-    files = [p for p in rt.rglob("*") if p.is_file()]
-    assert all(p.suffix == ".py" for p in files) and not list(rt.rglob("__pycache__"))
-    for sub in ("recipe", "runtime", "build"):
-        src = {p.name for p in (ROOT / "quest_export" / sub).glob("*.py")}
-        assert {p.name for p in (rt / sub).glob("*.py")} == src
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; sys.path.insert(0, "
-            "'quest_export_runtime'); import quest_export.build.trt as t, quest_export.runtime, quest_export.recipe; "
+    rt = jp61_bundle / "quest_export_runtime"
+    src = {p.name for p in (ROOT / "runtime" / "python" / "quest_export_runtime").glob("*.py")}
+    assert {p.name for p in rt.iterdir()} == src and "engine_build.py" in src
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; sys.path.insert(0, '.'); "
+            "import quest_export_runtime.engine_build as t, quest_export_runtime.pipeline; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'quest_export'], 'host package imported'; "
             "print(t.__file__)")  # fmt: skip
     proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=jp61_bundle, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert Path(proc.stdout.strip()).resolve() == (rt / "build" / "trt.py").resolve()
+    assert Path(proc.stdout.strip()).resolve() == (rt / "engine_build.py").resolve()
 
 
 # -- build.sh: flags per TensorRT version (deploy.md section 6) ----------------------------------------------
@@ -269,7 +265,7 @@ def test_verify_command_uses_the_h3_mean_bound(jp61_bundle):
 def test_readme_states_versions_commands_and_limits(tmp_path, jp61_bundle):
     text = (jp61_bundle / "README.md").read_text()
     assert "TensorRT 10.3" in text and "JetPack 6.1" in text and "./build.sh" in text and "build_engine.py" in text
-    assert "PYTHONPATH=$PWD/quest_export_runtime" in text and "W4 stored as INT8" not in text
+    assert "PYTHONPATH=$PWD`" in text and "W4 stored as INT8" not in text
     export = make_export(tmp_path / "w4a4", "jetson-orin-jp61", w_bits=4, a_bits=4)
     bundle = bundle_from_export(export, out=tmp_path / "w4a4_bundle", target=load_target("jetson-orin-jp61"))
     text = (bundle / "README.md").read_text()
@@ -385,7 +381,9 @@ def test_build_engine_py_refuses_experimental_cells_unless_allowed(tmp_path):
     assert proc.returncode == 2 and "experimental cells (a4-container)" in proc.stderr
 
 
-@pytest.mark.parametrize("module", ["quest_export.build.trt", "quest_export.build.bundle"])
+@pytest.mark.parametrize(
+    "module", ["quest_export.build.trt", "quest_export.build.bundle", "quest_export_runtime.engine_build"]
+)
 def test_imports_without_torch(module):
     code = (f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}; "
             "heavy = [m for m in ('tensorrt', 'onnx', 'numpy', 'polygraphy') if m in sys.modules]; "

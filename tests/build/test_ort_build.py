@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
+from quest_export_runtime.manifest import read_manifest, sha256_file
+from quest_export_runtime.session import OnnxRuntimeRunner
 
 from quest_export.build.ort import ort_engine_from_export
 from quest_export.errors import TargetError
-from quest_export.recipe.manifest import read_manifest, sha256_file
 from quest_export.recipe.targets import load_target
-from quest_export.runtime.session import OnnxRuntimeRunner
 from tests.export.test_export import cosine, reference, workshop_for
 
 # deploy.md O-2 at EXTENDED: the shipped graph is the export optimised once more at the same level, so both run the

@@ -15,21 +15,21 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from quest_export.build.trt import (
+from quest_export_runtime.engine_build import (
     AuditReport,
     engine_from_onnx,
     engines_from_bundle,
     l4t_release,
     main,
-    plan_build,
     query_compute_capability,
     require_tensorrt,
     version_matches,
     version_tuple,
 )
+from quest_export_runtime.manifest import read_manifest, sha256_file, write_manifest
+
+from quest_export.build.trt import plan_build
 from quest_export.errors import ExportError, ManifestMismatch
-from quest_export.recipe.manifest import read_manifest, sha256_file, write_manifest
 from quest_export.recipe.targets import list_targets, load_target
 
 requires_trt = pytest.mark.skipif(

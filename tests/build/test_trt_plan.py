@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from quest_export.build import trt
-from quest_export.build.trt import (
+from quest_export_runtime import engine_build as trt
+from quest_export_runtime.engine_build import (
     AuditReport,
     BuildPlan,
     audit_layers,
@@ -22,14 +21,13 @@ from quest_export.build.trt import (
     engine_from_onnx,
     l4t_release,
     load_timing_cache,
-    plan_build,
-    render_trtexec,
-    render_trtexec_shell,
     save_timing_cache,
     timing_cache_key,
     timing_cache_name,
     version_matches,
 )
+
+from quest_export.build.trt import plan_build, render_trtexec, render_trtexec_shell
 from quest_export.errors import ArtifactError, InputError, ManifestMismatch, TargetError, TensorRTUnavailableError
 from quest_export.recipe.targets import list_targets, load_target
 
@@ -367,7 +365,7 @@ def test_experimental_plan_is_refused_before_anything_is_built(monkeypatch, tmp_
 
 
 def test_main_on_a_folder_that_is_no_bundle_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "quest_export.build.trt", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "quest_export_runtime.engine_build", str(tmp_path)], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from quest_export_runtime.manifest import read_manifest
 
 from quest_export.calib.collect import CalibrationSet, collect
 from quest_export.errors import ArtifactError, ManifestMismatch
 from quest_export.models.sampling import SamplerSpec, make_scheduler
-from quest_export.recipe.manifest import read_manifest
 from tests.tiny import tiny_model
 
 T, N, GUIDANCE = 6, 6, 2.0  # trajectories, DDIM steps
@@ -150,7 +150,7 @@ def test_save_load_round_trip(calib, tmp_path):
 
 
 def test_load_refuses_another_stage(tmp_path):
-    from quest_export.recipe.manifest import atomic_dir, write_manifest
+    from quest_export_runtime.manifest import atomic_dir, write_manifest
 
     with atomic_dir(tmp_path / "x") as tmp:
         write_manifest(tmp, stage="export", recipe_fingerprint=None)

@@ -2,12 +2,13 @@
 
 What is checked:
   1. the core builds with -Wall -Wextra -Werror, and configure says why each missing backend is not built;
-  2. the DDIM sampler reproduces diffusers' DDIMScheduler (and quest_export.runtime.schedulers where present)
+  2. the DDIM sampler reproduces diffusers' DDIMScheduler (and quest_export_runtime.schedulers where present)
      on the same x_T, model outputs and variance noise;
   3. the timestep-group rule g(t) = max{g : t_g >= t}, 0 if t > t_0;
   4. the manifest check refuses a tampered, a missing and an escaping file, and an unknown schema, with one line;
-  5. sha256 against hashlib, the JSON parser against Python's json, safetensors against the safetensors package;
-  6. the PNG writer: the file decodes with zlib/struct to the same pixels, and the grid equals images.make_grid;
+  5. sha256 (OpenSSL EVP) against hashlib, JSON (nlohmann/json) against Python's json, the own safetensors reader
+     against the safetensors package;
+  6. the PNG writer (libpng): the file decodes with zlib/struct to the same pixels, the grid equals images.make_grid;
   7. where the ONNX Runtime backend is built: a tiny ONNX model through the C++ backend vs onnxruntime Python,
      and quest_sample end to end (guidance, scale-input groups) vs the same loop in Python.
 
@@ -19,91 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
 import struct
 import subprocess
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SRC = REPO / "runtime" / "cpp"
-BUILD_TIMEOUT_S = 900
+from tests.cpp.cppbuild import SRC, Build, run  # noqa: F401 - the `build` fixture is in conftest.py
 
 # DDIM agreement with diffusers (which steps in float32): |cpp - ref| <= RTOL * |ref| + ATOL_REL * max|ref|,
 # over every step of the trajectory. Measured (x86-64, gcc 12, diffusers 0.42.1): at most 3.5e-7 of max|ref|
 # over the DDIM_CASES; the bound is the brief's 1e-5 (about 30x margin).
 DDIM_RTOL = 1e-5
 DDIM_ATOL_REL = 1e-5
-# Against quest_export.runtime.schedulers (same float32 tables, float64 steps): measured bit-identical (0 ulp);
+# Against quest_export_runtime.schedulers (same float32 tables, float64 steps): measured bit-identical (0 ulp);
 # 1e-7 of max|ref| allows one or two float32 ulps of reordering and still catches float64 tables (~1e-6).
 NUMPY_REF_ATOL_REL = 1e-7
-
-
-# --------------------------------------------------------------------------- build
-
-
-def _ort_root() -> Path | None:
-    candidates = []
-    if os.environ.get("ONNXRUNTIME_ROOT"):
-        candidates.append(Path(os.environ["ONNXRUNTIME_ROOT"]))
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    candidates.append(cache / "quest-export" / "onnxruntime")
-    for c in candidates:
-        headers = (c / "include" / "onnxruntime" / "onnxruntime_cxx_api.h").is_file() or (
-            c / "include" / "onnxruntime_cxx_api.h"
-        ).is_file()
-        if headers and (c / "lib" / "libonnxruntime.so").exists():
-            return c
-    return None
-
-
-@dataclass
-class Build:
-    dir: Path
-    configure_log: str
-    ort_requested: bool
-
-    def exe(self, name: str) -> Path:
-        return self.dir / name
-
-    def ort_built(self) -> bool:
-        out = subprocess.run([str(self.exe("quest_sample")), "--list-backends"], capture_output=True, text=True)
-        return "ort: built" in out.stdout
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory) -> Build:
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake not found; install cmake >= 3.16 to build runtime/cpp")
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler found (c++, g++, clang++ or $CXX); install g++ to build runtime/cpp")
-    bdir = tmp_path_factory.mktemp("cpp-build")
-    cmd = ["cmake", "-S", str(SRC), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release", "-DQUEST_WERROR=ON"]
-    ort = _ort_root()
-    if ort is not None:
-        cmd.append(f"-DONNXRUNTIME_ROOT={ort}")
-    conf = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    assert conf.returncode == 0, f"cmake configure failed:\n{conf.stdout}\n{conf.stderr}"
-    jobs = str(max(1, min(os.cpu_count() or 1, 4)))
-    made = subprocess.run(
-        ["cmake", "--build", str(bdir), "-j", jobs], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
-    )
-    assert made.returncode == 0, f"build failed (warnings are errors):\n{made.stdout[-6000:]}\n{made.stderr[-6000:]}"
-    return Build(bdir, conf.stdout + conf.stderr, ort is not None)
-
-
-def run(build: Build, exe: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(build.exe(exe)), *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, f"{exe} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}"
-    return proc
 
 
 # --------------------------------------------------------------------------- 1. build and backend detection
@@ -141,6 +75,27 @@ def test_missing_onnxruntime_is_explained(build, tmp_path):
         pytest.skip(f"ONNX Runtime found in the system paths despite the bogus prefix: {line}")
     for word in ("onnxruntime_cxx_api.h", "libonnxruntime.so", str(bogus), "-DONNXRUNTIME_ROOT"):
         assert word in line, line
+
+
+@pytest.mark.parametrize(
+    "package,words",
+    [
+        ("nlohmann_json", ("nlohmann/json", "nlohmann-json3-dev")),
+        ("OpenSSL", ("libcrypto", "libssl-dev")),
+        ("PNG", ("libpng", "libpng-dev")),
+    ],
+)
+def test_missing_core_library_stops_configure_with_the_package(build, tmp_path, package, words):
+    """A core library CMake cannot find stops configure with one message naming it and the apt package."""
+    proc = subprocess.run(
+        ["cmake", "-S", str(SRC), "-B", str(tmp_path / "b"), f"-DCMAKE_DISABLE_FIND_PACKAGE_{package}=ON",
+         "-DQUEST_WITH_TRT=OFF", "-DQUEST_WITH_ORT=OFF"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0, "configure succeeded without " + package
+    err = " ".join(proc.stderr.split())
+    for w in (*words, "make system-deps"):
+        assert w in err, err
 
 
 # --------------------------------------------------------------------------- 2. DDIM vs diffusers
@@ -201,11 +156,11 @@ def _diffusers_ddim(cfg: dict, steps: int, eta: float, x: np.ndarray, eps: np.nd
 def _numpy_runtime_ddim(cfg: dict, steps: int, eta: float, x: np.ndarray, eps: np.ndarray, z: np.ndarray | None):
     """The Python runtime's own scheduler, if another engineer's module is present (it is written concurrently)."""
     try:
-        from quest_export.runtime import schedulers
+        from quest_export_runtime import schedulers
     except ImportError as e:
-        pytest.skip(f"quest_export.runtime.schedulers not importable ({e}); diffusers comparison still runs")
+        pytest.skip(f"quest_export_runtime.schedulers not importable ({e}); diffusers comparison still runs")
     if not hasattr(schedulers, "DDIMScheduler"):
-        pytest.skip("quest_export.runtime.schedulers has no DDIMScheduler")
+        pytest.skip("quest_export_runtime.schedulers has no DDIMScheduler")
     sched = schedulers.DDIMScheduler(cfg)
     ts = np.asarray(sched.set_timesteps(steps), dtype=np.int64)
     xt, trajectory = x.copy(), []
@@ -283,7 +238,7 @@ def test_ddim_matches_python_runtime_scheduler(build, tmp_path, case):
     cfg, steps, eta, x, eps, z, ts_cpp, out_cpp = _ddim_case(build, tmp_path, case)
     ts_ref, out_ref = _numpy_runtime_ddim(cfg, steps, eta, x, eps, z)
     np.testing.assert_array_equal(ts_cpp, ts_ref)
-    _assert_close(out_cpp, out_ref, 0.0, NUMPY_REF_ATOL_REL, f"DDIM {case} vs quest_export.runtime.schedulers")
+    _assert_close(out_cpp, out_ref, 0.0, NUMPY_REF_ATOL_REL, f"DDIM {case} vs quest_export_runtime.schedulers")
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -521,11 +476,11 @@ def test_unknown_schema_and_escaping_path_are_refused(build, dummy_bundle):
 
 
 def test_manifest_written_by_quest_export_is_read(build, dummy_bundle):
-    """The contract runs both ways: a manifest from quest_export.recipe.manifest.write_manifest passes the C++ check."""
+    """The contract runs both ways: a manifest from quest_export_runtime.manifest.write_manifest passes the C++ check."""
     try:
-        from quest_export.recipe.manifest import write_manifest as py_write_manifest
+        from quest_export_runtime.manifest import write_manifest as py_write_manifest
     except ImportError as e:
-        pytest.skip(f"quest_export.recipe.manifest not importable: {e}")
+        pytest.skip(f"quest_export_runtime.manifest not importable: {e}")
     m = json.loads((dummy_bundle / "manifest.json").read_text())
     (dummy_bundle / "manifest.json").unlink()
     keys = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created")
@@ -592,10 +547,13 @@ def test_json_round_trips_against_python(build, tmp_path, i):
     assert json.loads(out) == json.loads(text)
 
 
-def test_json_reads_python_nonfinite_numbers(build, tmp_path):
-    (tmp_path / "doc.json").write_text(json.dumps({"a": float("nan"), "b": float("inf"), "c": [-float("inf")]}))
-    out = json.loads(run(build, "quest_selftest", "json", tmp_path / "doc.json").stdout)
-    assert math.isnan(out["a"]) and out["b"] == math.inf and out["c"] == [-math.inf]
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_json_refuses_nonfinite_tokens(build, tmp_path, token):
+    """nlohmann/json reads strict RFC 8259, so quest_export writes manifests with allow_nan=False (test_manifest.py)."""
+    (tmp_path / "doc.json").write_text(json.dumps({"a": [1.0, float(token.replace("Infinity", "inf"))]}))
+    assert token in (tmp_path / "doc.json").read_text()
+    proc = run(build, "quest_selftest", "json", tmp_path / "doc.json", check=False)
+    assert proc.returncode == 2 and "invalid JSON at line 1" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -652,8 +610,35 @@ def test_safetensors_reader_matches_the_safetensors_package(build, tmp_path):
 # --------------------------------------------------------------------------- 6. PNG
 
 
+def _unfilter(rows: np.ndarray, bpp: int) -> np.ndarray:
+    """Undo the PNG scanline filters (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth): rows (H, 1 + W*C) -> (H, W*C)."""
+    h, n = rows.shape[0], rows.shape[1] - 1
+    out = np.zeros((h, n), dtype=np.int64)
+    for y in range(h):
+        kind, line = rows[y, 0], rows[y, 1:].astype(np.int64)
+        up = out[y - 1] if y else np.zeros(n, dtype=np.int64)
+        if kind in (0, 2):
+            out[y] = (line + (up if kind == 2 else 0)) & 0xFF
+            continue
+        assert kind in (1, 3, 4), f"unknown PNG filter type {kind}"
+        cur = out[y]
+        for x in range(n):
+            a = cur[x - bpp] if x >= bpp else 0
+            b, c = up[x], (up[x - bpp] if x >= bpp else 0)
+            if kind == 1:
+                pred = a
+            elif kind == 3:
+                pred = (a + b) // 2
+            else:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            cur[x] = (line[x] + pred) & 0xFF
+    return out.astype(np.uint8)
+
+
 def decode_png(path: Path) -> np.ndarray:
-    """Minimal PNG decoder for 8-bit grey/RGB, filter 0 (what the writer produces); checks every CRC."""
+    """PNG decoder for 8-bit grey/RGB (what the libpng writer produces); checks every CRC and the zlib stream."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, ihdr = 8, b"", None
@@ -673,9 +658,7 @@ def decode_png(path: Path) -> np.ndarray:
     assert depth == 8 and color in (0, 2) and interlace == 0
     ch = 1 if color == 0 else 3
     raw = zlib.decompress(idat)  # checks the Adler-32 too
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * ch)
-    assert (rows[:, 0] == 0).all(), "filter type must be 0"
-    img = rows[:, 1:].reshape(h, w, ch)
+    img = _unfilter(np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * ch), ch).reshape(h, w, ch)
     return img[:, :, 0] if ch == 1 else img
 
 
@@ -695,7 +678,7 @@ def test_png_writer_pixels_round_trip(build, tmp_path, shape):
 
 @pytest.mark.parametrize("n,c,nrow", [(16, 1, 0), (5, 3, 0), (3, 3, 2)])
 def test_png_grid_equals_python_make_grid(build, tmp_path, n, c, nrow):
-    from quest_export.runtime.images import make_grid
+    from quest_export_runtime.images import make_grid
 
     x = np.random.default_rng(n).uniform(-1.2, 1.2, (n, c, 9, 7)).astype(np.float32)
     x[0, 0, 0, :4] = [-1.0, 1.0, -1.5, 0.0]  # saturation, and 127.5 (a tie at an odd level)
@@ -1002,7 +985,7 @@ def test_quest_sample_end_to_end_with_ort(ort_build, tmp_path):
     _assert_close(got, ref, DDIM_RTOL, DDIM_ATOL_REL, "quest_sample (ort) vs Python loop")
     assert np.abs(got).max() > 0.05  # the images are not blank
 
-    from quest_export.runtime.images import make_grid
+    from quest_export_runtime.images import make_grid
 
     np.testing.assert_array_equal(decode_png(tmp_path / "grid.png"), make_grid(got))
     # the PNG of the reference samples differs at most by one level where a value sits on a rounding edge

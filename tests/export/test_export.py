@@ -21,6 +21,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json
+from quest_export_runtime.manifest import read_manifest, sha256_file
 
 from quest_export.calib.collect import CalibrationSet, collect
 from quest_export.errors import ExportError, TargetError
@@ -35,7 +36,6 @@ from quest_export.ptq.stage_a import run_stage_a
 from quest_export.quant.artifact import load_quantized, save_quantized
 from quest_export.quant.model import QuantMode
 from quest_export.recipe.config import ExportConfig, PtqConfig, QuantRecipe
-from quest_export.recipe.manifest import read_manifest, sha256_file
 from quest_export.recipe.targets import load_target
 from quest_export.zoo.architectures import SCHEDULER_CONFIG
 from tests.tiny import write_tiny_model_dir

@@ -8,9 +8,7 @@ import json
 
 import numpy as np
 import pytest
-
-from quest_export.errors import ArtifactError, ManifestMismatch
-from quest_export.recipe.manifest import (
+from quest_export_runtime.manifest import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     atomic_dir,
@@ -19,6 +17,8 @@ from quest_export.recipe.manifest import (
     verify_files,
     write_manifest,
 )
+
+from quest_export.errors import ArtifactError, ManifestMismatch
 
 
 def _entries(folder):
@@ -182,3 +182,12 @@ def test_manifest_that_is_not_an_object(artifact):
     (artifact / MANIFEST_NAME).write_text("[1, 2]")
     with pytest.raises(ArtifactError, match="manifest"):
         read_manifest(artifact)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_manifest_is_strict_json(tmp_path, value):
+    """NaN/Infinity are not JSON: the C++ runtime (nlohmann/json) could not read such a manifest, so none is written."""
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ArtifactError, match="strict JSON"):
+        write_manifest(tmp_path, stage="export", recipe_fingerprint=None, extra={"x": [1.0, value]})
+    assert not (tmp_path / "manifest.json").exists()

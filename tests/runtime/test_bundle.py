@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from quest_export.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
-from quest_export.recipe.manifest import write_manifest
-from quest_export.runtime import Denoiser, OnnxRuntimeRunner, RuntimePipeline, TimestepGroups, open_artifact
-from quest_export.runtime.session import DeviceInfo, TensorRTRunner, external_initializers
+from quest_export_runtime import Denoiser, OnnxRuntimeRunner, RuntimePipeline, TimestepGroups, open_artifact
+from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
+from quest_export_runtime.manifest import write_manifest
+from quest_export_runtime.session import DeviceInfo, TensorRTRunner, external_initializers
 
 onnx = pytest.importorskip("onnx")
 st = pytest.importorskip("safetensors.numpy")

@@ -7,9 +7,8 @@ import struct
 
 import numpy as np
 import pytest
-
-from quest_export.errors import ArtifactError
-from quest_export.runtime.safetensors_np import load_safetensors
+from quest_export_runtime.errors import ArtifactError
+from quest_export_runtime.safetensors_np import load_safetensors
 
 st = pytest.importorskip("safetensors.numpy")
 

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from quest_export.errors import InputError  # noqa: E402
-from quest_export.runtime import schedulers as nps  # noqa: E402
+from quest_export_runtime import schedulers as nps  # noqa: E402
+from quest_export_runtime.errors import InputError  # noqa: E402
 
 # Errors are max |ours - diffusers| / max |diffusers| per step, on diffusers' own trajectory (CPU, x86-64).
 # float64 inputs, diffusers given our tables: pure step arithmetic, measured 3.6e-16.

@@ -13,13 +13,13 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
+from quest_export_runtime.manifest import read_manifest, write_manifest
 
 import quest_export.log as qe_log
 from cli.main import main
 from quest_export.build.bundle import bundle_from_export
 from quest_export.errors import ManifestMismatch
 from quest_export.recipe.config import VerifyConfig
-from quest_export.recipe.manifest import read_manifest, write_manifest
 from quest_export.recipe.targets import load_target
 from quest_export.verify.harness import verify_build
 from tests.export.test_export import workshop_for

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "quest/device.h"
 #include "quest/json.h"
 #include "quest/safetensors.h"
 
@@ -16,32 +17,6 @@ std::string PlanNameForGraph(const std::string& graph_file, int64_t group) {
   std::snprintf(buf, sizeof buf, "unet_g%02lld.plan", static_cast<long long>(group));
   (void)graph_file;
   return buf;
-}
-
-std::string JsonScalarText(const json::Value* v) {
-  if (!v) return "";
-  if (v->is_string()) return v->as_string();
-  if (v->is_number()) return json::Dump(*v);
-  if (v->is_array() && v->as_array().size() == 2 && v->as_array()[0].is_integer() && v->as_array()[1].is_integer()) {
-    return std::to_string(v->as_array()[0].as_int()) + "." + std::to_string(v->as_array()[1].as_int());  // [8, 7]
-  }
-  return "";
-}
-
-// A top-level key of an engine manifest, or the same key in its "build" section.
-std::string EngineKey(const json::Value& root, const char* key) {
-  std::string v = JsonScalarText(root.find(key));
-  if (v.empty()) {
-    if (const json::Value* build = root.find("build")) v = JsonScalarText(build->find(key));
-  }
-  return v;
-}
-
-bool FileExists(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) return false;
-  std::fclose(f);
-  return true;
 }
 
 }  // namespace
@@ -76,7 +51,7 @@ Status ReadConditioning(const std::string& path, const ConditioningSpec& spec, T
   if (labels != f.metadata.end()) {
     json::Value lv;
     QUEST_RETURN_IF_ERROR(json::Parse(labels->second, &lv).WithContext(path + " metadata labels"));
-    if (!lv.is_array() || static_cast<int64_t>(lv.as_array().size()) != t.shape[0]) {
+    if (!lv.is_array() || static_cast<int64_t>(lv.size()) != t.shape[0]) {
       return InvalidInput(path + ": metadata labels must be a JSON list with one name per row (" + std::to_string(t.shape[0]) + ")");
     }
   }
@@ -109,12 +84,14 @@ Status Engine::MakeBackend(const std::string& graph_file, std::unique_ptr<Backen
                               "' in the engine manifest; rebuild: quest-export build --from " + bundle_dir_);
     }
     bo.model_path = JoinPath(options_.engine_dir, plan);
-    bo.expected_trt_version = EngineKey(engine_manifest_.root, "trt_version");
-    bo.expected_compute_capability = EngineKey(engine_manifest_.root, "compute_capability");
-    bo.rebuild_command = "quest-export build --from " + bundle_dir_ + (metadata_.target_id.empty() ? "" : " --target " + metadata_.target_id);
+    bo.rebuild_command = RebuildCommand();
     return CreateBackend("trt", bo, out);
   }
   return InvalidInput("unknown backend '" + options_.backend + "'; use ort or trt");
+}
+
+std::string Engine::RebuildCommand() const {
+  return "quest-export build --from " + bundle_dir_ + (metadata_.target_id.empty() ? "" : " --target " + metadata_.target_id);
 }
 
 Status Engine::Activate() {
@@ -151,12 +128,10 @@ Status Engine::Activate() {
                               engine_manifest_.recipe_fingerprint.substr(0, 12) + " vs the bundle's " +
                               manifest_.recipe_fingerprint.substr(0, 12) + "); rebuild: quest-export build --from " + bundle_dir_);
     }
-    // deploy.md J-5: an engine for a Jetson target runs only on a Jetson (L4T writes /etc/nv_tegra_release)
-    if (metadata_.target_id.rfind("jetson", 0) == 0 && !FileExists("/etc/nv_tegra_release")) {
-      return ManifestMismatch("the bundle targets " + metadata_.target_id +
-                              " but this machine is not a Jetson (no /etc/nv_tegra_release); build a bundle for this "
-                              "machine's target: quest-export build --target <target-id>");
-    }
+    // deploy.md B-13, J-5: the TensorRT version, GPU and platform the engine was built for (the shared check)
+    DeviceFacts device;
+    QUEST_RETURN_IF_ERROR(QueryDevice(options_.device, &device));
+    QUEST_RETURN_IF_ERROR(CheckEngineDevice(engine_manifest_, device, RebuildCommand()));
     if (metadata_.max_batch == 0) metadata_.max_batch = MaxBatchFromProfiles(engine_manifest_.root);
   }
   // 4. conditioning

@@ -1,13 +1,17 @@
 #include "quest/manifest.h"
 
-#include <algorithm>
 #include <sys/stat.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
 
 #include "quest/sha256.h"
 
 namespace quest {
 namespace {
 
+const char* const kEngineSuffixes[] = {".plan", ".engine", ".trt"};  // TensorRT engine files
 const char* const kStages[] = {"calibrate", "quantize", "export", "build-ort", "build-trt", "bundle"};
 
 bool IsHex64(const std::string& s) {
@@ -15,18 +19,29 @@ bool IsHex64(const std::string& s) {
   return std::all_of(s.begin(), s.end(), [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
 }
 
-// A `files` key must stay inside the folder: relative, no "..", no empty or "." parts.
-bool IsSafeRelativePath(const std::string& rel) {
-  if (rel.empty() || rel[0] == '/' || rel.find('\\') != std::string::npos) return false;
+// Why a `files` key is not a plain relative path inside the folder, or "" when it is. The same rules and
+// words as quest_export's Python check (tests/fixtures/manifests/cases.json holds the expected lines).
+std::string UnsafePathReason(const std::string& rel) {
+  if (!rel.empty() && rel[0] == '/') {
+    return "file entry '" + rel + "' is an absolute path; manifest paths are relative to the folder: re-run the stage that wrote it";
+  }
+  bool dotdot = false, odd = rel.empty() || rel.find('\\') != std::string::npos;
   size_t start = 0;
   while (start <= rel.size()) {
     size_t end = rel.find('/', start);
     if (end == std::string::npos) end = rel.size();
-    std::string part = rel.substr(start, end - start);
-    if (part.empty() || part == "." || part == "..") return false;
+    const std::string part = rel.substr(start, end - start);
+    dotdot = dotdot || part == "..";
+    odd = odd || part.empty() || part == ".";
     start = end + 1;
   }
-  return true;
+  if (dotdot) {
+    return "file entry '" + rel + "' leaves the folder ('..'); manifest paths must stay inside the folder: re-run the stage that wrote it";
+  }
+  if (odd) {
+    return "file entry '" + rel + "' is not a plain relative path (empty or '.' parts, backslashes); re-run the stage that wrote it";
+  }
+  return "";
 }
 
 bool IsRegularFile(const std::string& path) {
@@ -34,28 +49,56 @@ bool IsRegularFile(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
+bool IsEngineFile(const std::string& name) {
+  for (const char* suffix : kEngineSuffixes) {
+    const std::string s(suffix);
+    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
+  }
+  return false;
+}
+
+// Every engine file under dir (relative posix paths, sorted), skipping hidden folders and nested
+// artifacts (folders with their own manifest.json, e.g. a bundle's engine/ folder). Links are not followed.
+std::vector<std::string> EngineFilesUnder(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> out;
+  std::error_code ec;
+  fs::recursive_directory_iterator it(dir, ec), end;
+  for (; !ec && it != end; it.increment(ec)) {
+    const fs::path& p = it->path();
+    const std::string name = p.filename().string();
+    if (it->is_directory(ec)) {  // links to folders are neither entered nor counted (as Python's os.walk)
+      if (!it->is_symlink(ec) && (name[0] == '.' || fs::exists(p / kManifestName, ec))) it.disable_recursion_pending();
+      continue;
+    }
+    if (IsEngineFile(name)) out.push_back(p.lexically_relative(dir).generic_string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 Status ReadIoList(const json::Value* list, const char* what, std::vector<IoSpec>* out) {
   if (!list || !list->is_array()) return InvalidInput(std::string("manifest io.") + what + " must be a list");
-  for (const json::Value& e : list->as_array()) {
+  for (const json::Value& e : *list) {
     IoSpec spec;
-    const json::Value* name = e.find("name");
-    const json::Value* dtype = e.find("dtype");
-    const json::Value* shape = e.find("shape");
+    const json::Value* name = json::Find(e, "name");
+    const json::Value* dtype = json::Find(e, "dtype");
+    const json::Value* shape = json::Find(e, "shape");
     if (!name || !name->is_string()) return InvalidInput(std::string("manifest io.") + what + " entry without a name");
-    spec.name = name->as_string();
-    spec.dtype = dtype && dtype->is_string() ? dtype->as_string() : "";
+    spec.name = json::AsString(*name);
+    spec.dtype = dtype && dtype->is_string() ? json::AsString(*dtype) : "";
     if (spec.dtype != "float32") {
       return InvalidInput("manifest io: tensor '" + spec.name + "' has dtype '" + spec.dtype +
                           "'; the C++ runtime feeds and reads float32 only (docs/formats.md)");
     }
     if (!shape || !shape->is_array()) return InvalidInput("manifest io: tensor '" + spec.name + "' has no shape list");
-    for (const json::Value& d : shape->as_array()) {
-      if (d.is_integer()) {
-        spec.shape.push_back(d.as_int());
+    for (const json::Value& d : *shape) {
+      if (json::IsInteger(d)) {
+        spec.shape.push_back(json::AsInt(d));
         spec.dim_names.emplace_back();
       } else if (d.is_string()) {
         spec.shape.push_back(-1);
-        spec.dim_names.push_back(d.as_string());
+        spec.dim_names.push_back(json::AsString(d));
       } else {
         return InvalidInput("manifest io: tensor '" + spec.name + "' has a shape entry that is neither int nor name");
       }
@@ -84,41 +127,50 @@ Status LoadManifest(const std::string& dir, Manifest* out) {
   Status st = json::ParseFile(path, &m.root);
   if (!st.ok()) return ManifestMismatch(path + " is corrupt (" + st.message() + "); re-run the stage that wrote it");
   if (!m.root.is_object()) return ManifestMismatch(path + " is not a JSON object; re-run the stage that wrote it");
-  const json::Value* schema = m.root.find("schema");
-  if (!schema || !schema->is_integer() || schema->as_int() != kManifestSchema) {
+  const json::Value* schema = json::Find(m.root, "schema");
+  if (!schema || !json::IsInteger(*schema) || json::AsInt(*schema) != kManifestSchema) {
     std::string got = schema ? json::Dump(*schema) : "missing";
     return ManifestMismatch(path + " has manifest schema " + got + "; this runtime reads schema " +
                             std::to_string(kManifestSchema) + ": re-create the artifact or use a matching runtime");
   }
-  m.schema = schema->as_int();
-  const json::Value* stage = m.root.find("stage");
+  m.schema = json::AsInt(*schema);
+  const json::Value* stage = json::Find(m.root, "stage");
   if (!stage || !stage->is_string() ||
-      std::find(std::begin(kStages), std::end(kStages), stage->as_string()) == std::end(kStages)) {
+      std::find(std::begin(kStages), std::end(kStages), json::AsString(*stage)) == std::end(kStages)) {
     return ManifestMismatch(path + ": unknown or missing stage " + (stage ? json::Dump(*stage) : "") +
                             "; expected one of calibrate, quantize, export, build-ort, build-trt, bundle");
   }
-  m.stage = stage->as_string();
-  if (const json::Value* fp = m.root.find("recipe_fingerprint"); fp && fp->is_string()) m.recipe_fingerprint = fp->as_string();
-  const json::Value* files = m.root.find("files");
+  m.stage = json::AsString(*stage);
+  if (const json::Value* fp = json::Find(m.root, "recipe_fingerprint"); fp && fp->is_string()) m.recipe_fingerprint = json::AsString(*fp);
+  const json::Value* files = json::Find(m.root, "files");
   if (!files || !files->is_object()) return ManifestMismatch(path + ": 'files' must be an object {path: sha256}");
-  for (const auto& kv : files->as_object()) {
-    if (!IsSafeRelativePath(kv.first)) {
-      return ManifestMismatch(path + ": file entry '" + kv.first + "' is not a relative path inside the folder");
+  for (const auto& kv : files->items()) {  // sorted by key, as the Python check walks them
+    if (std::string why = UnsafePathReason(kv.key()); !why.empty()) return ManifestMismatch(dir + ": " + why);
+    if (!kv.value().is_string() || !IsHex64(json::AsString(kv.value()))) {
+      return ManifestMismatch(dir + ": file entry '" + kv.key() + "' has no lowercase sha256 hex digest; re-run the stage that wrote it");
     }
-    if (!kv.second.is_string() || !IsHex64(kv.second.as_string())) {
-      return ManifestMismatch(path + ": file entry '" + kv.first + "' has no lowercase sha256 hex digest");
-    }
-    m.files[kv.first] = kv.second.as_string();
+    m.files[kv.key()] = json::AsString(kv.value());
   }
   *out = std::move(m);
   return Status::Ok();
 }
 
 Status VerifyFiles(const Manifest& m) {
+  char* real_dir = ::realpath(m.dir.c_str(), nullptr);
+  if (!real_dir) return IoError("cannot resolve " + m.dir);
+  const std::string inside = std::string(real_dir) + "/";
+  std::free(real_dir);
   for (const auto& kv : m.files) {
     const std::string p = JoinPath(m.dir, kv.first);
     if (!IsRegularFile(p)) {
       return ManifestMismatch(m.dir + ": file '" + kv.first + "' listed in the manifest is missing; re-copy the whole folder");
+    }
+    char* real = ::realpath(p.c_str(), nullptr);
+    const bool escapes = !real || std::string(real).rfind(inside, 0) != 0;
+    std::free(real);
+    if (escapes) {
+      return ManifestMismatch(m.dir + ": file '" + kv.first +
+                              "' is a symlink that leaves the folder; copy the file itself into the folder");
     }
     std::string digest;
     QUEST_RETURN_IF_ERROR(Sha256File(p, &digest));
@@ -126,6 +178,12 @@ Status VerifyFiles(const Manifest& m) {
       return ManifestMismatch(m.dir + ": file '" + kv.first +
                               "' does not match its manifest hash (tampered or truncated); re-copy the folder or "
                               "re-run the stage that wrote it");
+    }
+  }
+  for (const std::string& rel : EngineFilesUnder(m.dir)) {
+    if (m.files.find(rel) == m.files.end()) {
+      return ManifestMismatch(m.dir + ": engine file '" + rel +
+                              "' is not listed in the manifest, so nothing vouches for it; delete it or rebuild the engine folder");
     }
   }
   return Status::Ok();
@@ -147,15 +205,15 @@ const IoSpec* SamplingMetadata::input(const std::string& name) const {
 }
 
 int64_t MaxBatchFromProfiles(const json::Value& root) {
-  const json::Value* profiles = root.find("profiles");
+  const json::Value* profiles = json::Find(root, "profiles");
   if (!profiles) {
-    if (const json::Value* build = root.find("build")) profiles = build->find("profiles");
+    if (const json::Value* build = json::Find(root, "build")) profiles = json::Find(*build, "profiles");
   }
   if (!profiles) return 0;
-  const json::Value* sample = profiles->find("sample");
-  const json::Value* mx = sample ? sample->find("max") : nullptr;
-  if (!mx || !mx->is_array() || mx->as_array().empty() || !mx->as_array()[0].is_integer()) return 0;
-  return mx->as_array()[0].as_int();
+  const json::Value* sample = json::Find(*profiles, "sample");
+  const json::Value* mx = sample ? json::Find(*sample, "max") : nullptr;
+  if (!mx || !mx->is_array() || mx->empty() || !json::IsInteger(mx->at(0))) return 0;
+  return json::AsInt(mx->at(0));
 }
 
 Status ReadSamplingMetadata(const Manifest& m, SamplingMetadata* out) {
@@ -168,43 +226,43 @@ Status ReadSamplingMetadata(const Manifest& m, SamplingMetadata* out) {
   auto fail = [&](const std::string& what) { return ManifestMismatch(where + ": " + what); };
 
   // scale mode and graphs
-  const json::Value* mode = r.find("scale_mode");
+  const json::Value* mode = json::Find(r, "scale_mode");
   if (!mode || !mode->is_string()) return fail("'scale_mode' is missing");
-  md.scale_mode = mode->as_string();
+  md.scale_mode = json::AsString(*mode);
   if (md.scale_mode != "merged" && md.scale_mode != "per-group" && md.scale_mode != "scale-input") {
     return fail("scale_mode '" + md.scale_mode + "' is unknown; expected merged, per-group or scale-input");
   }
-  const json::Value* graphs = r.find("graphs");
-  if (!graphs || !graphs->is_array() || graphs->as_array().empty()) return fail("'graphs' must be a non-empty list");
-  for (const json::Value& g : graphs->as_array()) {
+  const json::Value* graphs = json::Find(r, "graphs");
+  if (!graphs || !graphs->is_array() || graphs->empty()) return fail("'graphs' must be a non-empty list");
+  for (const json::Value& g : *graphs) {
     GraphEntry e;
-    const json::Value* file = g.find("file");
-    const json::Value* group = g.find("group");
+    const json::Value* file = json::Find(g, "file");
+    const json::Value* group = json::Find(g, "group");
     if (!file || !file->is_string()) return fail("a 'graphs' entry has no file");
-    e.file = file->as_string();
+    e.file = json::AsString(*file);
     if (group && !group->is_null()) {
-      if (!group->is_integer()) return fail("graph '" + e.file + "' has a non-integer group");
-      e.group = group->as_int();
+      if (!json::IsInteger(*group)) return fail("graph '" + e.file + "' has a non-integer group");
+      e.group = json::AsInt(*group);
     }
     if (m.files.find(e.file) == m.files.end()) return fail("graph '" + e.file + "' is not listed in 'files'");
     md.graphs.push_back(e);
   }
 
   // timestep groups
-  if (const json::Value* groups = r.find("groups"); groups && !groups->is_null()) {
-    const json::Value* ts = groups->find("timesteps");
-    const json::Value* count = groups->find("count");
+  if (const json::Value* groups = json::Find(r, "groups"); groups && !groups->is_null()) {
+    const json::Value* ts = json::Find(*groups, "timesteps");
+    const json::Value* count = json::Find(*groups, "count");
     if (!ts || !ts->is_array()) return fail("'groups.timesteps' must be a list");
-    for (const json::Value& t : ts->as_array()) {
-      if (!t.is_integer()) return fail("'groups.timesteps' must hold integers");
-      md.group_timesteps.push_back(t.as_int());
+    for (const json::Value& t : *ts) {
+      if (!json::IsInteger(t)) return fail("'groups.timesteps' must hold integers");
+      md.group_timesteps.push_back(json::AsInt(t));
     }
     for (size_t i = 1; i < md.group_timesteps.size(); ++i) {
       if (md.group_timesteps[i] >= md.group_timesteps[i - 1]) {
         return fail("'groups.timesteps' must be strictly descending (t_0 > t_1 > ...)");
       }
     }
-    if (count && (!count->is_integer() || count->as_int() != static_cast<int64_t>(md.group_timesteps.size()))) {
+    if (count && (!json::IsInteger(*count) || json::AsInt(*count) != static_cast<int64_t>(md.group_timesteps.size()))) {
       return fail("'groups.count' does not equal the number of group timesteps");
     }
   }
@@ -222,16 +280,16 @@ Status ReadSamplingMetadata(const Manifest& m, SamplingMetadata* out) {
     return fail("scale_mode '" + md.scale_mode + "' needs exactly one graph, found " + std::to_string(md.graphs.size()));
   }
   if (md.scale_mode == "scale-input") {
-    const json::Value* sr = r.find("scale_ratios");
-    if (!sr || !sr->is_array() || static_cast<int64_t>(sr->as_array().size()) != G) {
+    const json::Value* sr = json::Find(r, "scale_ratios");
+    if (!sr || !sr->is_array() || static_cast<int64_t>(sr->size()) != G) {
       return fail("scale-input mode needs 'scale_ratios' with one row per group (" + std::to_string(G) + ")");
     }
-    for (const json::Value& row : sr->as_array()) {
+    for (const json::Value& row : *sr) {
       if (!row.is_array()) return fail("'scale_ratios' rows must be lists");
       std::vector<float> vals;
-      for (const json::Value& x : row.as_array()) {
+      for (const json::Value& x : row) {
         if (!x.is_number()) return fail("'scale_ratios' must hold numbers");
-        vals.push_back(static_cast<float>(x.as_number()));
+        vals.push_back(static_cast<float>(x.get<double>()));
       }
       if (!md.scale_ratios.empty() && vals.size() != md.scale_ratios[0].size()) return fail("'scale_ratios' rows differ in length");
       md.scale_ratios.push_back(std::move(vals));
@@ -239,37 +297,37 @@ Status ReadSamplingMetadata(const Manifest& m, SamplingMetadata* out) {
   }
 
   // sampler and scheduler
-  const json::Value* sampler = r.find("sampler");
+  const json::Value* sampler = json::Find(r, "sampler");
   if (!sampler || !sampler->is_object()) return fail("'sampler' is missing");
-  if (const json::Value* v = sampler->find("sampler"); v && v->is_string()) md.sampler.sampler = v->as_string();
-  if (const json::Value* v = sampler->find("steps"); v && v->is_integer()) md.sampler.steps = v->as_int();
-  if (const json::Value* v = sampler->find("eta"); v && v->is_number()) md.sampler.eta = v->as_number();
-  if (const json::Value* v = sampler->find("guidance_scale"); v && v->is_number()) md.sampler.guidance_scale = v->as_number();
-  const json::Value* sched = r.find("scheduler_config");
+  if (const json::Value* v = json::Find(*sampler, "sampler"); v && v->is_string()) md.sampler.sampler = json::AsString(*v);
+  if (const json::Value* v = json::Find(*sampler, "steps"); v && json::IsInteger(*v)) md.sampler.steps = json::AsInt(*v);
+  if (const json::Value* v = json::Find(*sampler, "eta"); v && v->is_number()) md.sampler.eta = v->get<double>();
+  if (const json::Value* v = json::Find(*sampler, "guidance_scale"); v && v->is_number()) md.sampler.guidance_scale = v->get<double>();
+  const json::Value* sched = json::Find(r, "scheduler_config");
   if (!sched) return fail("'scheduler_config' is missing");
   QUEST_RETURN_IF_ERROR(SchedulerConfigFromJson(*sched, &md.scheduler).WithContext(where));
 
   // conditioning
-  if (const json::Value* c = r.find("conditioning"); c && !c->is_null()) {
+  if (const json::Value* c = json::Find(r, "conditioning"); c && !c->is_null()) {
     ConditioningSpec cs;
-    const json::Value* file = c->find("file");
-    const json::Value* ui = c->find("uncond_index");
-    const json::Value* labels = c->find("labels");
+    const json::Value* file = json::Find(*c, "file");
+    const json::Value* ui = json::Find(*c, "uncond_index");
+    const json::Value* labels = json::Find(*c, "labels");
     if (!file || !file->is_string()) return fail("'conditioning.file' is missing");
-    cs.file = file->as_string();
+    cs.file = json::AsString(*file);
     if (m.files.find(cs.file) == m.files.end()) return fail("conditioning file '" + cs.file + "' is not listed in 'files'");
-    if (ui && ui->is_integer()) cs.uncond_index = ui->as_int();
+    if (ui && json::IsInteger(*ui)) cs.uncond_index = json::AsInt(*ui);
     if (labels && labels->is_array()) {
-      for (const json::Value& l : labels->as_array()) cs.labels.push_back(l.is_string() ? l.as_string() : json::Dump(l));
+      for (const json::Value& l : *labels) cs.labels.push_back(l.is_string() ? json::AsString(l) : json::Dump(l));
     }
     md.conditioning = cs;
   }
 
   // io
-  const json::Value* io = r.find("io");
+  const json::Value* io = json::Find(r, "io");
   if (!io || !io->is_object()) return fail("'io' is missing");
-  QUEST_RETURN_IF_ERROR(ReadIoList(io->find("inputs"), "inputs", &md.inputs).WithContext(where));
-  QUEST_RETURN_IF_ERROR(ReadIoList(io->find("outputs"), "outputs", &md.outputs).WithContext(where));
+  QUEST_RETURN_IF_ERROR(ReadIoList(json::Find(*io, "inputs"), "inputs", &md.inputs).WithContext(where));
+  QUEST_RETURN_IF_ERROR(ReadIoList(json::Find(*io, "outputs"), "outputs", &md.outputs).WithContext(where));
   if (!md.input("sample") || !md.input("timestep")) return fail("io.inputs must contain 'sample' and 'timestep'");
   if (md.outputs.size() != 1 || md.outputs[0].name != "noise_pred") return fail("io.outputs must be exactly ['noise_pred']");
   const bool has_ehs = md.input("encoder_hidden_states") != nullptr;
@@ -292,8 +350,8 @@ Status ReadSamplingMetadata(const Manifest& m, SamplingMetadata* out) {
     if (sample->shape[i] <= 0) return fail("io input 'sample' must have fixed C, H, W");
   }
 
-  if (const json::Value* target = r.find("target"); target && target->is_object()) {
-    if (const json::Value* id = target->find("id"); id && id->is_string()) md.target_id = id->as_string();
+  if (const json::Value* target = json::Find(r, "target"); target && target->is_object()) {
+    if (const json::Value* id = json::Find(*target, "id"); id && id->is_string()) md.target_id = json::AsString(*id);
   }
   md.max_batch = MaxBatchFromProfiles(r);
   *out = std::move(md);

@@ -1,100 +1,39 @@
 #include "quest/png.h"
 
+#include <png.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace quest {
-namespace {
-
-constexpr size_t kMaxStoredBlock = 65535;  // deflate stored blocks hold at most 2^16 - 1 bytes
-
-void PutBe32(std::string* out, uint32_t v) {
-  out->push_back(static_cast<char>(v >> 24));
-  out->push_back(static_cast<char>(v >> 16));
-  out->push_back(static_cast<char>(v >> 8));
-  out->push_back(static_cast<char>(v));
-}
-
-void PutChunk(std::string* out, const char tag[4], const std::string& data) {
-  PutBe32(out, static_cast<uint32_t>(data.size()));
-  std::string tagged(tag, 4);
-  tagged += data;
-  out->append(tagged);
-  PutBe32(out, Crc32(reinterpret_cast<const uint8_t*>(tagged.data()), tagged.size()));
-}
-
-// zlib stream (RFC 1950) of stored deflate blocks (RFC 1951, BTYPE = 00).
-std::string ZlibStored(const std::string& raw) {
-  std::string z;
-  z.push_back(static_cast<char>(0x78));  // CMF: deflate, 32K window
-  z.push_back(static_cast<char>(0x01));  // FLG: no dictionary, fastest; (0x78 << 8 | 0x01) % 31 == 0
-  size_t pos = 0;
-  do {
-    size_t len = std::min(kMaxStoredBlock, raw.size() - pos);
-    bool final = pos + len == raw.size();
-    z.push_back(static_cast<char>(final ? 1 : 0));  // BFINAL, BTYPE = 00, byte-aligned
-    z.push_back(static_cast<char>(len & 0xFF));
-    z.push_back(static_cast<char>(len >> 8));
-    z.push_back(static_cast<char>(~len & 0xFF));
-    z.push_back(static_cast<char>((~len >> 8) & 0xFF));
-    z.append(raw, pos, len);
-    pos += len;
-  } while (pos < raw.size());
-  PutBe32(&z, Adler32(reinterpret_cast<const uint8_t*>(raw.data()), raw.size()));
-  return z;
-}
-
-}  // namespace
-
-uint32_t Crc32(const uint8_t* data, size_t n, uint32_t crc) {
-  static uint32_t table[256];
-  static bool ready = [] {
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      table[i] = c;
-    }
-    return true;
-  }();
-  (void)ready;
-  crc = ~crc;
-  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
-  return ~crc;
-}
-
-uint32_t Adler32(const uint8_t* data, size_t n) {
-  constexpr uint32_t kMod = 65521;
-  uint32_t a = 1, b = 0;
-  for (size_t i = 0; i < n; ++i) {
-    a = (a + data[i]) % kMod;
-    b = (b + a) % kMod;
-  }
-  return (b << 16) | a;
-}
 
 Status EncodePng(const Image& img, std::string* png) {
   if (img.width <= 0 || img.height <= 0) return InvalidInput("PNG image must have a positive size");
   if (img.channels != 1 && img.channels != 3) return InvalidInput("PNG writer supports 1 (grey) or 3 (RGB) channels");
   const size_t row = static_cast<size_t>(img.width) * img.channels;
   if (img.pixels.size() != row * img.height) return InternalError("PNG pixel buffer does not match its size");
-  std::string raw;
-  raw.reserve((row + 1) * img.height);
-  for (int y = 0; y < img.height; ++y) {
-    raw.push_back('\0');  // filter type 0 (None)
-    raw.append(reinterpret_cast<const char*>(img.pixels.data() + y * row), row);
+  png_image pi;
+  std::memset(&pi, 0, sizeof pi);
+  pi.version = PNG_IMAGE_VERSION;
+  pi.width = static_cast<png_uint_32>(img.width);
+  pi.height = static_cast<png_uint_32>(img.height);
+  pi.format = img.channels == 1 ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
+  const png_int_32 stride = static_cast<png_int_32>(row);
+  png_alloc_size_t size = 0;  // first call: the size the encoded file needs
+  if (!png_image_write_to_memory(&pi, nullptr, &size, 0, img.pixels.data(), stride, nullptr)) {
+    std::string why = pi.message;
+    png_image_free(&pi);
+    return InternalError("libpng could not encode the image: " + why);
   }
-  std::string ihdr;
-  PutBe32(&ihdr, static_cast<uint32_t>(img.width));
-  PutBe32(&ihdr, static_cast<uint32_t>(img.height));
-  ihdr.push_back(8);                                    // bit depth
-  ihdr.push_back(static_cast<char>(img.channels == 1 ? 0 : 2));  // colour type: grey or RGB
-  ihdr.push_back(0);                                    // compression: deflate
-  ihdr.push_back(0);                                    // filter method 0
-  ihdr.push_back(0);                                    // no interlace
-  std::string out("\x89PNG\r\n\x1a\n", 8);
-  PutChunk(&out, "IHDR", ihdr);
-  PutChunk(&out, "IDAT", ZlibStored(raw));
-  PutChunk(&out, "IEND", "");
+  std::string out(size, '\0');
+  if (!png_image_write_to_memory(&pi, out.data(), &size, 0, img.pixels.data(), stride, nullptr)) {
+    std::string why = pi.message;
+    png_image_free(&pi);
+    return InternalError("libpng could not encode the image: " + why);
+  }
+  png_image_free(&pi);
+  out.resize(size);
   *png = std::move(out);
   return Status::Ok();
 }

@@ -1,3 +1,5 @@
+// Own reader on purpose (see include/quest/safetensors.h): no safetensors library for C/C++ is packaged
+// for Debian/Ubuntu or JetPack. The JSON header goes through nlohmann/json.
 #include "quest/safetensors.h"
 
 #include <cstring>
@@ -48,46 +50,46 @@ Status ReadSafetensors(const std::string& path, SafetensorsFile* out) {
   const size_t data_start = 8 + header_len;
   const size_t data_size = bytes.size() - data_start;
   SafetensorsFile result;
-  for (const auto& kv : header.as_object()) {
-    const std::string& name = kv.first;
-    const json::Value& info = kv.second;
+  for (const auto& kv : header.items()) {
+    const std::string& name = kv.key();
+    const json::Value& info = kv.value();
     if (name == "__metadata__") {
       if (!info.is_object()) return InvalidInput(path + ": __metadata__ is not an object");
-      for (const auto& m : info.as_object()) {
-        if (!m.second.is_string()) return InvalidInput(path + ": metadata value '" + m.first + "' is not a string");
-        result.metadata[m.first] = m.second.as_string();
+      for (const auto& m : info.items()) {
+        if (!m.value().is_string()) return InvalidInput(path + ": metadata value '" + m.key() + "' is not a string");
+        result.metadata[m.key()] = json::AsString(m.value());
       }
       continue;
     }
-    const json::Value* dtype = info.find("dtype");
-    const json::Value* shape = info.find("shape");
-    const json::Value* offsets = info.find("data_offsets");
+    const json::Value* dtype = json::Find(info, "dtype");
+    const json::Value* shape = json::Find(info, "shape");
+    const json::Value* offsets = json::Find(info, "data_offsets");
     if (!dtype || !dtype->is_string() || !shape || !shape->is_array() || !offsets || !offsets->is_array() ||
-        offsets->as_array().size() != 2) {
+        offsets->size() != 2) {
       return InvalidInput(path + ": tensor '" + name + "' lacks dtype, shape or data_offsets");
     }
     size_t itemsize = 0;
-    const std::string& dt = dtype->as_string();
+    const std::string& dt = json::AsString(*dtype);
     if (dt == "F32") itemsize = 4;
     else if (dt == "F64") itemsize = 8;
     else if (dt == "F16" || dt == "BF16") itemsize = 2;
     else return InvalidInput(path + ": tensor '" + name + "' has dtype " + dt + "; only F32, F64, F16 and BF16 are read");
     Tensor t;
-    for (const json::Value& d : shape->as_array()) {
-      if (!d.is_integer() || d.as_int() < 0) return InvalidInput(path + ": tensor '" + name + "' has a bad shape");
-      t.shape.push_back(d.as_int());
+    for (const json::Value& d : *shape) {
+      if (!json::IsInteger(d) || json::AsInt(d) < 0) return InvalidInput(path + ": tensor '" + name + "' has a bad shape");
+      t.shape.push_back(json::AsInt(d));
     }
-    const json::Value& b = offsets->as_array()[0];
-    const json::Value& e = offsets->as_array()[1];
-    if (!b.is_integer() || !e.is_integer() || b.as_int() < 0 || e.as_int() < b.as_int() ||
-        static_cast<uint64_t>(e.as_int()) > data_size) {
+    const json::Value& b = offsets->at(0);
+    const json::Value& e = offsets->at(1);
+    if (!json::IsInteger(b) || !json::IsInteger(e) || json::AsInt(b) < 0 || json::AsInt(e) < json::AsInt(b) ||
+        static_cast<uint64_t>(json::AsInt(e)) > data_size) {
       return InvalidInput(path + ": tensor '" + name + "' has data_offsets outside the file");
     }
     size_t n = Numel(t.shape);
-    if (static_cast<size_t>(e.as_int() - b.as_int()) != n * itemsize) {
+    if (static_cast<size_t>(json::AsInt(e) - json::AsInt(b)) != n * itemsize) {
       return InvalidInput(path + ": tensor '" + name + "' data size does not match shape " + ShapeString(t.shape));
     }
-    const char* p = bytes.data() + data_start + b.as_int();
+    const char* p = bytes.data() + data_start + json::AsInt(b);
     t.data.resize(n);
     for (size_t i = 0; i < n; ++i) {
       if (dt == "F32") {

@@ -11,40 +11,40 @@ constexpr double kCosineMaxBeta = 0.999;  // diffusers betas_for_alpha_bar(max_b
 constexpr double kCosineOffset = 0.008;   // Nichol & Dhariwal 2021, eq. 17: s = 0.008
 
 Status ReadNumber(const json::Value& v, const char* key, double* out) {
-  const json::Value* x = v.find(key);
+  const json::Value* x = json::Find(v, key);
   if (!x || x->is_null()) return Status::Ok();
   if (!x->is_number()) return InvalidInput(std::string("scheduler_config.") + key + " must be a number");
-  *out = x->as_number();
+  *out = x->get<double>();
   return Status::Ok();
 }
 
 Status ReadInt(const json::Value& v, const char* key, int64_t* out) {
-  const json::Value* x = v.find(key);
+  const json::Value* x = json::Find(v, key);
   if (!x || x->is_null()) return Status::Ok();
-  if (!x->is_integer()) return InvalidInput(std::string("scheduler_config.") + key + " must be an integer");
-  *out = x->as_int();
+  if (!json::IsInteger(*x)) return InvalidInput(std::string("scheduler_config.") + key + " must be an integer");
+  *out = json::AsInt(*x);
   return Status::Ok();
 }
 
 Status ReadBool(const json::Value& v, const char* key, bool* out) {
-  const json::Value* x = v.find(key);
+  const json::Value* x = json::Find(v, key);
   if (!x || x->is_null()) return Status::Ok();
-  if (!x->is_bool()) return InvalidInput(std::string("scheduler_config.") + key + " must be true or false");
-  *out = x->as_bool();
+  if (!x->is_boolean()) return InvalidInput(std::string("scheduler_config.") + key + " must be true or false");
+  *out = x->get<bool>();
   return Status::Ok();
 }
 
 Status ReadChoice(const json::Value& v, const char* key, const std::vector<std::string>& allowed, std::string* out) {
-  const json::Value* x = v.find(key);
+  const json::Value* x = json::Find(v, key);
   if (!x || x->is_null()) return Status::Ok();
   std::string list;
   for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
   if (!x->is_string()) return InvalidInput(std::string("scheduler_config.") + key + " must be one of " + list);
-  if (std::find(allowed.begin(), allowed.end(), x->as_string()) == allowed.end()) {
-    return InvalidInput(std::string("scheduler_config.") + key + " = '" + x->as_string() +
+  if (std::find(allowed.begin(), allowed.end(), json::AsString(*x)) == allowed.end()) {
+    return InvalidInput(std::string("scheduler_config.") + key + " = '" + json::AsString(*x) +
                         "' is not supported by the C++ runtime; supported: " + list);
   }
-  *out = x->as_string();
+  *out = json::AsString(*x);
   return Status::Ok();
 }
 
@@ -66,12 +66,12 @@ Status SchedulerConfigFromJson(const json::Value& v, SchedulerConfig* out) {
   QUEST_RETURN_IF_ERROR(ReadBool(v, "set_alpha_to_one", &c.set_alpha_to_one));
   QUEST_RETURN_IF_ERROR(ReadInt(v, "steps_offset", &c.steps_offset));
   QUEST_RETURN_IF_ERROR(ReadChoice(v, "timestep_spacing", {"leading", "trailing", "linspace"}, &c.timestep_spacing));
-  if (const json::Value* tb = v.find("trained_betas"); tb && !tb->is_null()) {
+  if (const json::Value* tb = json::Find(v, "trained_betas"); tb && !tb->is_null()) {
     if (!tb->is_array()) return InvalidInput("scheduler_config.trained_betas must be a list of numbers or null");
-    for (const json::Value& b : tb->as_array()) {
+    for (const json::Value& b : *tb) {
       if (!b.is_number()) return InvalidInput("scheduler_config.trained_betas must be a list of numbers or null");
       // diffusers stores them as float32 (torch.tensor(trained_betas, dtype=torch.float32)).
-      c.trained_betas.push_back(b.as_number());  // rounded to float32 in Create, as diffusers
+      c.trained_betas.push_back(b.get<double>());  // rounded to float32 in Create, as diffusers
     }
     if (static_cast<int64_t>(c.trained_betas.size()) != c.num_train_timesteps) {
       return InvalidInput("scheduler_config.trained_betas has " + std::to_string(c.trained_betas.size()) +

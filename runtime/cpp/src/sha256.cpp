@@ -1,141 +1,61 @@
 #include "quest/sha256.h"
 
-#include <algorithm>
-#include <cstring>
-#include <fstream>
+#include <openssl/evp.h>
+
+#include <cstdio>
+#include <memory>
 #include <vector>
 
 namespace quest {
 namespace {
 
-constexpr uint32_t kK[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+struct CtxFree {
+  void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
+};
+using Ctx = std::unique_ptr<EVP_MD_CTX, CtxFree>;
 
-inline uint32_t Rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+Status Begin(Ctx* ctx) {
+  ctx->reset(EVP_MD_CTX_new());
+  if (!*ctx || EVP_DigestInit_ex(ctx->get(), EVP_sha256(), nullptr) != 1) {
+    return InternalError("OpenSSL could not start a SHA-256 digest (EVP_DigestInit_ex)");
+  }
+  return Status::Ok();
+}
+
+Status FinishHex(EVP_MD_CTX* ctx, std::string* hex) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  if (EVP_DigestFinal_ex(ctx, md, &n) != 1) return InternalError("OpenSSL SHA-256 failed (EVP_DigestFinal_ex)");
+  static const char* const kHex = "0123456789abcdef";
+  hex->clear();
+  for (unsigned int i = 0; i < n; ++i) {
+    hex->push_back(kHex[md[i] >> 4]);
+    hex->push_back(kHex[md[i] & 0xF]);
+  }
+  return Status::Ok();
+}
 
 }  // namespace
 
-Sha256::Sha256()
-    : h_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19} {}
-
-void Sha256::Block(const uint8_t* p) {
-  uint32_t w[64];
-  for (int i = 0; i < 16; ++i) {
-    w[i] = (uint32_t(p[4 * i]) << 24) | (uint32_t(p[4 * i + 1]) << 16) | (uint32_t(p[4 * i + 2]) << 8) |
-           uint32_t(p[4 * i + 3]);
-  }
-  for (int i = 16; i < 64; ++i) {
-    uint32_t s0 = Rotr(w[i - 15], 7) ^ Rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
-    uint32_t s1 = Rotr(w[i - 2], 17) ^ Rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
-    w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-  }
-  uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
-  for (int i = 0; i < 64; ++i) {
-    uint32_t S1 = Rotr(e, 6) ^ Rotr(e, 11) ^ Rotr(e, 25);
-    uint32_t ch = (e & f) ^ (~e & g);
-    uint32_t t1 = h + S1 + ch + kK[i] + w[i];
-    uint32_t S0 = Rotr(a, 2) ^ Rotr(a, 13) ^ Rotr(a, 22);
-    uint32_t maj = (a & b) ^ (a & c) ^ (b & c);
-    uint32_t t2 = S0 + maj;
-    h = g;
-    g = f;
-    f = e;
-    e = d + t1;
-    d = c;
-    c = b;
-    b = a;
-    a = t1 + t2;
-  }
-  h_[0] += a;
-  h_[1] += b;
-  h_[2] += c;
-  h_[3] += d;
-  h_[4] += e;
-  h_[5] += f;
-  h_[6] += g;
-  h_[7] += h;
-}
-
-void Sha256::Update(const void* data, size_t size) {
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  total_ += size;
-  if (buf_len_ > 0) {
-    size_t take = std::min(size, sizeof buf_ - buf_len_);
-    std::memcpy(buf_ + buf_len_, p, take);
-    buf_len_ += take;
-    p += take;
-    size -= take;
-    if (buf_len_ == sizeof buf_) {
-      Block(buf_);
-      buf_len_ = 0;
-    }
-  }
-  while (size >= 64) {
-    Block(p);
-    p += 64;
-    size -= 64;
-  }
-  if (size > 0) {
-    std::memcpy(buf_, p, size);
-    buf_len_ = size;
-  }
-}
-
-std::array<uint8_t, 32> Sha256::Finish() {
-  uint64_t bits = total_ * 8;
-  uint8_t pad[72] = {0x80};
-  size_t pad_len = (buf_len_ < 56) ? (56 - buf_len_) : (120 - buf_len_);  // to 56 mod 64
-  uint8_t len_be[8];
-  for (int i = 0; i < 8; ++i) len_be[i] = static_cast<uint8_t>(bits >> (56 - 8 * i));
-  Update(pad, pad_len);
-  Update(len_be, 8);
-  std::array<uint8_t, 32> out{};
-  for (int i = 0; i < 8; ++i) {
-    out[4 * i] = static_cast<uint8_t>(h_[i] >> 24);
-    out[4 * i + 1] = static_cast<uint8_t>(h_[i] >> 16);
-    out[4 * i + 2] = static_cast<uint8_t>(h_[i] >> 8);
-    out[4 * i + 3] = static_cast<uint8_t>(h_[i]);
-  }
-  return out;
-}
-
-std::string Sha256::FinishHex() {
-  static const char kHex[] = "0123456789abcdef";
-  std::array<uint8_t, 32> d = Finish();
-  std::string s(64, '0');
-  for (size_t i = 0; i < d.size(); ++i) {
-    s[2 * i] = kHex[d[i] >> 4];
-    s[2 * i + 1] = kHex[d[i] & 15];
-  }
-  return s;
-}
-
-std::string Sha256Hex(const std::string& data) {
-  Sha256 h;
-  h.Update(data.data(), data.size());
-  return h.FinishHex();
+Status Sha256Hex(const std::string& data, std::string* hex) {
+  Ctx ctx;
+  QUEST_RETURN_IF_ERROR(Begin(&ctx));
+  if (EVP_DigestUpdate(ctx.get(), data.data(), data.size()) != 1) return InternalError("OpenSSL SHA-256 update failed");
+  return FinishHex(ctx.get(), hex);
 }
 
 Status Sha256File(const std::string& path, std::string* hex) {
-  std::ifstream f(path, std::ios::binary);
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!f) return IoError("cannot open " + path);
-  Sha256 h;
-  std::vector<char> chunk(1 << 20);
-  while (f) {
-    f.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
-    std::streamsize got = f.gcount();
-    if (got > 0) h.Update(chunk.data(), static_cast<size_t>(got));
+  Ctx ctx;
+  QUEST_RETURN_IF_ERROR(Begin(&ctx));
+  std::vector<unsigned char> buf(1 << 20);
+  size_t n = 0;
+  while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0) {
+    if (EVP_DigestUpdate(ctx.get(), buf.data(), n) != 1) return InternalError("OpenSSL SHA-256 update failed");
   }
-  if (f.bad()) return IoError("read error in " + path);
-  *hex = h.FinishHex();
-  return Status::Ok();
+  if (std::ferror(f.get())) return IoError("cannot read " + path);
+  return FinishHex(ctx.get(), hex);
 }
 
 }  // namespace quest

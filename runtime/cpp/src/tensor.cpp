@@ -1,3 +1,5 @@
+// Own .npy reader/writer on purpose: no C/C++ NumPy-file library is packaged for Debian/Ubuntu or JetPack
+// (apt-cache search cnpy / npy finds none); .npy is a short text header plus raw little-endian data.
 #include "quest/tensor.h"
 
 #include <cstdio>

@@ -14,6 +14,7 @@
 #include "args.h"
 #include "quest/backend.h"
 #include "quest/build_config.h"
+#include "quest/device.h"
 #include "quest/engine.h"
 #include "quest/png.h"
 #include "quest/sampler.h"
@@ -40,7 +41,8 @@ const char* kUsage =
     "  --nrow K          images per grid row (default ceil(sqrt(N)))\n"
     "  --noise FILE.npy  initial noise (N, C, H, W) instead of --seed (reproduces a Python run)\n"
     "  --save-npy FILE   also write the samples (N, C, H, W) in [-1, 1] as .npy\n"
-    "  --check           verify the bundle (schema, every file hash, metadata) and exit\n"
+    "  --check           check the folder (schema, paths, every file hash, unlisted engines; an engine folder\n"
+    "                    also against this device) and exit\n"
     "  --list-backends   print which backends this build contains and exit\n"
     "  --quiet           no progress output\n";
 
@@ -77,9 +79,23 @@ int main(int argc, char** argv) {
   const std::string bundle = args.positional[0];
   const bool quiet = args.flag("--quiet");
 
-  if (args.flag("--check")) {
+  if (args.flag("--check")) {  // the shared manifest check (manifest.h, device.h) on any artifact folder
     Manifest m;
     if (!(st = OpenArtifact(bundle, &m)).ok()) return Fail(st);
+    if (m.stage == "build-trt") {
+      DeviceFacts device;
+      int64_t cuda_device = 0;
+      if (!(st = cli::ToInt("--device", args.get("--device", "0"), &cuda_device)).ok()) return Fail(st);
+      if (!(st = QueryDevice(static_cast<int>(cuda_device), &device)).ok()) return Fail(st);
+      if (!(st = CheckEngineDevice(m, device)).ok()) return Fail(st);
+      std::printf("%s: OK (stage build-trt, %zu files verified, TensorRT %s, SM %s)\n", bundle.c_str(), m.files.size(),
+                  device.trt_version.c_str(), device.compute_capability.c_str());
+      return 0;
+    }
+    if (m.stage != "export" && m.stage != "bundle") {
+      std::printf("%s: OK (stage %s, %zu files verified)\n", bundle.c_str(), m.stage.c_str(), m.files.size());
+      return 0;
+    }
     SamplingMetadata md;
     if (!(st = ReadSamplingMetadata(m, &md)).ok()) return Fail(st);
     std::printf("%s: OK (stage %s, %zu files verified, scale_mode %s, %lld group(s), %s %lld steps, %s)\n", bundle.c_str(),

@@ -135,9 +135,9 @@ Status CmdSafetensors(const cli::Args& a) {
   if (a.positional.size() != 1) return InvalidInput("safetensors needs one FILE");
   SafetensorsFile f;
   QUEST_RETURN_IF_ERROR(ReadSafetensors(a.positional[0], &f));
-  json::Value::Object meta;
-  for (const auto& kv : f.metadata) meta[kv.first] = json::Value::String(kv.second);
-  std::printf("%s\n", json::Dump(json::Value::MakeObject(meta)).c_str());
+  json::Value meta = json::Value::object();
+  for (const auto& kv : f.metadata) meta[kv.first] = kv.second;
+  std::printf("%s\n", json::Dump(meta).c_str());
   auto it = f.tensors.find(a.get("--tensor"));
   if (it == f.tensors.end()) return InvalidInput("no tensor '" + a.get("--tensor") + "'");
   return WriteNpy(a.get("--out"), it->second);

@@ -19,10 +19,8 @@ struct BackendOptions {
   std::string model_path;  // .onnx (ort) or .plan (trt)
   int intra_op_threads = 0;  // ort: 0 = ONNX Runtime's default
   int device = 0;            // trt: CUDA device ordinal
-  // trt: what the engine folder's manifest says the plan was built with (docs/formats.md, deploy.md B-13/B-14).
-  std::string expected_trt_version;         // e.g. "10.3" or "10.3.0"
-  std::string expected_compute_capability;  // e.g. "8.7"
-  std::string rebuild_command;              // named in every compatibility refusal
+  // trt: named when the plan does not fit (the engine folder was checked against this device before, device.h)
+  std::string rebuild_command;
 };
 
 class Backend {

@@ -56,6 +56,7 @@ class Engine : public Denoiser {
 
  private:
   Status MakeBackend(const std::string& graph_file, std::unique_ptr<Backend>* out);
+  std::string RebuildCommand() const;
 
   std::string bundle_dir_;
   EngineOptions options_;

@@ -26,12 +26,19 @@ struct Manifest {
   std::map<std::string, std::string> files;  // relative posix path -> sha256 hex
 };
 
+// The manifest check shared with quest_export's Python runtime and `quest-export verify` (same rules, same
+// one-line reasons; tests/fixtures/manifests/cases.json):
+//   1. LoadManifest: schema, stage, and every `files` key a plain relative path (no absolute path, no '..');
+//   2. VerifyFiles, in key order: the file exists, its real path (symlinks resolved) stays inside DIR, its
+//      sha256 matches; then no engine file (*.plan, *.engine, *.trt) in DIR is left out of `files`;
+//   3. CheckEngineDevice (device.h), for build-trt folders: TensorRT version, compute capability, Jetson.
+// Every refusal is "DIR: reason".
+
 // Reads DIR/manifest.json and checks the schema version and the `files` table (relative paths
 // inside DIR, 64-hex digests). Nothing else in DIR is read.
 Status LoadManifest(const std::string& dir, Manifest* out);
 
-// Recomputes the sha256 of every file listed in `files`; the first missing or tampered file is
-// refused with one line naming it. Run this before anything in the folder is loaded.
+// Step 2 above. Run this before anything in the folder is loaded.
 Status VerifyFiles(const Manifest& m);
 
 // LoadManifest + VerifyFiles.

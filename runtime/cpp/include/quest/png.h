@@ -1,5 +1,5 @@
-// PNG writer without zlib: 8-bit grey or RGB, filter 0, deflate "stored" blocks, Adler-32 and CRC-32.
-// Also the image grid of quest_export.runtime.images (same layout and rounding), so both runtimes
+// PNG output through libpng's simplified write API (png_image_write_to_memory, libpng >= 1.6.29:
+// Debian/Ubuntu libpng-dev, part of every JetPack image): 8-bit grey or RGB. Also the image grid of quest_export.runtime.images (same layout and rounding), so both runtimes
 // write the same pixels for the same samples.
 #pragma once
 
@@ -18,9 +18,6 @@ struct Image {
   int channels = 0;            // 1 (grey) or 3 (RGB)
   std::vector<uint8_t> pixels;  // row-major, interleaved channels
 };
-
-uint32_t Crc32(const uint8_t* data, size_t n, uint32_t crc = 0);
-uint32_t Adler32(const uint8_t* data, size_t n);
 
 // The PNG file as bytes.
 Status EncodePng(const Image& img, std::string* png);

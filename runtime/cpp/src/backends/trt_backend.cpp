@@ -1,12 +1,11 @@
 // TensorRT backend: deserializes a plan built on this device and runs it with the name-based
 // I/O API of TensorRT >= 8.5 (setInputShape / setTensorAddress / enqueueV3).
 //
-// Before the plan is deserialized it checks (deploy.md B-13/B-14, docs/formats.md "Engine folder"):
-//   - the TensorRT library this process loaded has the major version of the headers it was built with;
-//   - the library's version equals the engine manifest's trt_version (as many components as it gives);
-//   - the GPU's compute capability equals the manifest's compute_capability.
-// A mismatch is refused with one line that names the rebuild command. Each TensorRT object lives in
-// its own std::unique_ptr (TensorRT >= 8 objects are deleted with delete), as in sampleOnnxMNIST.
+// Before the plan is deserialized it checks that the TensorRT library this process loaded has the major
+// version of the headers it was built with. The engine folder's trt_version and compute_capability were
+// checked before (CheckEngineDevice in device.cpp, the rules the Python runtime applies), with the facts
+// TrtDeviceFacts below reports. A mismatch is refused with one line that names the rebuild command.
+// Each TensorRT object lives in its own std::unique_ptr (TensorRT >= 8 objects are deleted with delete), as in sampleOnnxMNIST.
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
 
@@ -37,25 +36,6 @@ TrtVersion DecodeTrtVersion(int32_t v) {
   }
   out.patch = v % 100;
   return out;
-}
-
-// "10.3" / "10.3.0" / "10.3.0.26" must agree with the library on every component it gives (build ignored).
-bool TrtVersionMatches(const std::string& expected, const TrtVersion& have) {
-  int parts[3] = {-1, -1, -1};
-  int n = std::sscanf(expected.c_str(), "%d.%d.%d", &parts[0], &parts[1], &parts[2]);
-  if (n < 1) return false;
-  const int actual[3] = {have.major, have.minor, have.patch};
-  for (int i = 0; i < n && i < 3; ++i) {
-    if (parts[i] != actual[i]) return false;
-  }
-  return true;
-}
-
-// "8.7", "87", "sm_87" -> "8.7"
-std::string NormalizeComputeCapability(std::string cc) {
-  if (cc.rfind("sm_", 0) == 0) cc = cc.substr(3);
-  if (cc.find('.') == std::string::npos && cc.size() >= 2) cc.insert(cc.size() - 1, ".");
-  return cc;
 }
 
 class Logger : public nvinfer1::ILogger {
@@ -113,37 +93,20 @@ class TrtBackend : public Backend {
   Status Activate() override {
     if (context_) return Status::Ok();
     const std::string rebuild = "; rebuild the engine on this device: " + options_.rebuild_command;
-    // 1. library vs headers, library vs manifest
+    // 1. library vs headers
     const TrtVersion lib = DecodeTrtVersion(getInferLibVersion());
     if (lib.major != NV_TENSORRT_MAJOR) {
       return ManifestMismatch("the loaded libnvinfer is TensorRT " + lib.str() + " but this runtime was compiled against TensorRT " +
                               std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) +
                               " headers; rebuild runtime/cpp against the installed TensorRT");
     }
-    if (options_.expected_trt_version.empty()) {
-      return ManifestMismatch(options_.model_path + ": the engine manifest has no trt_version, so the plan cannot be checked" + rebuild);
-    }
-    if (!TrtVersionMatches(options_.expected_trt_version, lib)) {
-      return ManifestMismatch(options_.model_path + " was built with TensorRT " + options_.expected_trt_version +
-                              ", this device has TensorRT " + lib.str() + rebuild);
-    }
-    // 2. compute capability
+    // 2. the CUDA device (the engine folder's compute capability was checked against it before: device.cpp)
     int count = 0;
     QUEST_RETURN_IF_ERROR(CudaCheck(cudaGetDeviceCount(&count), "cudaGetDeviceCount"));
     if (options_.device < 0 || options_.device >= count) {
       return InvalidInput("CUDA device " + std::to_string(options_.device) + " does not exist (" + std::to_string(count) + " found)");
     }
     QUEST_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
-    int cc_major = 0, cc_minor = 0;
-    QUEST_RETURN_IF_ERROR(CudaCheck(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, options_.device), "cudaDeviceGetAttribute"));
-    QUEST_RETURN_IF_ERROR(CudaCheck(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, options_.device), "cudaDeviceGetAttribute"));
-    const std::string device_cc = std::to_string(cc_major) + "." + std::to_string(cc_minor);
-    if (options_.expected_compute_capability.empty()) {
-      return ManifestMismatch(options_.model_path + ": the engine manifest has no compute_capability, so the plan cannot be checked" + rebuild);
-    }
-    if (NormalizeComputeCapability(options_.expected_compute_capability) != device_cc) {
-      return ManifestMismatch("engine built for SM " + options_.expected_compute_capability + ", this GPU is SM " + device_cc + rebuild);
-    }
     // 3. deserialize
     std::string plan;
     QUEST_RETURN_IF_ERROR(ReadFileBytes(options_.model_path, &plan));
@@ -248,6 +211,22 @@ class TrtBackend : public Backend {
 
 Status CreateTrtBackend(const BackendOptions& options, std::unique_ptr<Backend>* out) {
   *out = std::make_unique<TrtBackend>(options);
+  return Status::Ok();
+}
+
+// What device.cpp's CheckEngineDevice compares an engine folder with: the loaded library's version and the
+// compute capability of CUDA device `cuda_device`.
+Status TrtDeviceFacts(int cuda_device, std::string* trt_version, std::string* compute_capability) {
+  *trt_version = DecodeTrtVersion(getInferLibVersion()).str();
+  int count = 0;
+  QUEST_RETURN_IF_ERROR(CudaCheck(cudaGetDeviceCount(&count), "cudaGetDeviceCount"));
+  if (cuda_device < 0 || cuda_device >= count) {
+    return InvalidInput("CUDA device " + std::to_string(cuda_device) + " does not exist (" + std::to_string(count) + " found)");
+  }
+  int cc_major = 0, cc_minor = 0;
+  QUEST_RETURN_IF_ERROR(CudaCheck(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, cuda_device), "cudaDeviceGetAttribute"));
+  QUEST_RETURN_IF_ERROR(CudaCheck(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, cuda_device), "cudaDeviceGetAttribute"));
+  *compute_capability = std::to_string(cc_major) + "." + std::to_string(cc_minor);
   return Status::Ok();
 }
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from quest_export.errors import ArtifactError, InputError, ManifestMismatch
-from quest_export.recipe.manifest import read_manifest, verify_files
-from quest_export.runtime.safetensors_np import load_safetensors
-from quest_export.runtime.session import DeviceInfo, query_device
+from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch
+from quest_export_runtime.manifest import Manifest, normalize_compute_capability, same_trt_version  # noqa: F401
+from quest_export_runtime.safetensors_np import load_safetensors
+from quest_export_runtime.session import DeviceInfo
 
 logger = logging.getLogger(__name__)
 
@@ -162,53 +162,15 @@ class Artifact:
         return {"act_scale_ratios": self.scale_ratios[group]}  # (K,)
 
 
-def normalize_compute_capability(cc: Any) -> str:
-    """'8.7' from '8.7', 8.7, [8, 7], '87' or 'sm_87'."""
-    if isinstance(cc, (list, tuple)) and len(cc) == 2:
-        return f"{int(cc[0])}.{int(cc[1])}"
-    s = str(cc).strip().lower().removeprefix("sm_")
-    if re.fullmatch(r"\d+\.\d+", s):
-        return s
-    if re.fullmatch(r"\d{2,3}", s):
-        return f"{s[:-1]}.{s[-1]}"
-    raise ArtifactError(f"compute_capability {cc!r} is not of the form 'major.minor'")
-
-
-def same_trt_version(built: str, installed: str) -> bool:
-    """Engines load only on the TensorRT they were built with: compare major.minor.patch (as far as both say)."""
-    b, i = str(built).split("."), str(installed).split(".")
-    n = min(len(b), len(i), 3)
-    return b[:n] == i[:n]
-
-
-def check_engine_device(artifact: Artifact, device: DeviceInfo) -> None:
+def check_engine_device(artifact: Artifact, device: DeviceInfo | None = None) -> None:
     """Refuse an engine folder built for another TensorRT, GPU or platform (deploy.md B-13, J-5).
 
+    The rules and reasons are the shared manifest check's (quest_export_runtime.manifest.Manifest.check_device).
+
     Raises:
-        ArtifactError: the manifest lacks trt_version or compute_capability.
-        ManifestMismatch: a mismatch, naming the rebuild command.
+        ManifestMismatch: a mismatch or a manifest without trt_version / compute_capability, naming the rebuild command.
     """
-    m, build = artifact.manifest, artifact.manifest.get("build") or {}
-    built_trt = m.get("trt_version") or build.get("trt_version")
-    built_cc = m.get("compute_capability") or build.get("compute_capability")
-    if not built_trt or not built_cc:
-        raise ArtifactError(f"{artifact.root}: engine manifest lacks trt_version or compute_capability; "
-                            f"rebuild the engine: {artifact.rebuild_command()}")  # fmt: skip
-    rebuild = f"rebuild it on this device: {artifact.rebuild_command()}"
-    if not same_trt_version(built_trt, device.trt_version):
-        raise ManifestMismatch(f"{artifact.root}: engine built with TensorRT {built_trt}, this device has TensorRT "
-                               f"{device.trt_version}; {rebuild}")  # fmt: skip
-    built_cc, device_cc = (
-        normalize_compute_capability(built_cc),
-        normalize_compute_capability(device.compute_capability),
-    )
-    if built_cc != device_cc:
-        raise ManifestMismatch(
-            f"{artifact.root}: engine built for SM {built_cc}, this GPU is SM {device_cc}; {rebuild}"
-        )
-    if (artifact.target_id or "").startswith("jetson") and device.jetson is None:
-        raise ManifestMismatch(f"{artifact.root}: engine built for {artifact.target_id}, but this machine is not a "
-                               f"Jetson (no /etc/nv_tegra_release); {rebuild}")  # fmt: skip
+    Manifest(artifact.root, artifact.manifest).check_device(device, rebuild=artifact.rebuild_command())
 
 
 def _require(manifest: dict, key: str, root: Path) -> Any:
@@ -280,24 +242,26 @@ def open_artifact(path: str | os.PathLike, *, device: DeviceInfo | None = None) 
 
     Args:
         path: the artifact folder (it holds manifest.json).
-        device: the device an engine folder must match. None: query it (imports tensorrt); ignored for ONNX folders.
+        device: the device an engine folder must match. None: the simulated test device ($QUEST_EXPORT_TEST_DEVICE)
+            if set, else query this machine (imports tensorrt); ignored for ONNX folders.
 
     Returns:
         The verified Artifact.
 
     Raises:
         ArtifactError: not an artifact, a stage the runtime cannot run, or manifest keys missing or inconsistent.
-        ManifestMismatch: unknown schema, a missing, tampered or unlisted file, or an engine built for another
-            TensorRT / GPU / platform (naming the rebuild command).
+        ManifestMismatch: unknown schema, an absolute or escaping path, a missing, tampered, escaping (symlink) or
+            unlisted file, an unlisted engine file, or an engine built for another TensorRT / GPU / platform
+            (naming the rebuild command): the shared check, quest_export_runtime.manifest.Manifest.check.
         TensorRTUnavailableError: an engine folder on a machine without TensorRT.
     """
     root = Path(path)
-    manifest = read_manifest(root)  # schema check
-    stage = manifest.get("stage")
+    checked = Manifest.read(root)  # schema check
+    manifest, stage = checked.data, checked.stage
     if stage not in STAGE_BACKENDS:
         raise ArtifactError(f"{root} holds a '{stage}' artifact; the runtime runs {', '.join(STAGE_BACKENDS)} "
                             "folders: run `quest-export export` or `quest-export build` first")  # fmt: skip
-    verify_files(root, manifest)  # every hash, before anything is loaded
+    checked.check(device)  # paths, every hash, unlisted engines, an engine folder vs this device: before any load
     backend = STAGE_BACKENDS[stage]
     graphs = _graphs(root, manifest, backend)
     scale_mode = manifest.get("scale_mode") or ("per-group" if any(g.group is not None for g in graphs) else "merged")
@@ -338,7 +302,5 @@ def open_artifact(path: str | os.PathLike, *, device: DeviceInfo | None = None) 
         weights_file=_listed(root, manifest, weights) if weights else None,
     )
     _check_io(art)
-    if backend == "trt":
-        check_engine_device(art, device if device is not None else query_device())
     logger.info("opened %s artifact %s: %s, %d graph(s)", stage, root, scale_mode, len(graphs))
     return art

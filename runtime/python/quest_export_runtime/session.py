@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quest_export.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
+from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -443,6 +443,7 @@ class DeviceInfo:
     trt_version: str  # e.g. "10.3.0.30"
     compute_capability: str  # e.g. "8.7"
     jetson: str | None = None  # the L4T release line, None off a Jetson
+    jetpack: str | None = None  # the JetPack release where known (the simulated test device gives it)
 
 
 def query_device(*, attempted: str = "checking a TensorRT engine against this device") -> DeviceInfo:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quest_export.errors import ArtifactError
+from quest_export_runtime.errors import ArtifactError
 
 DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2",

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from quest_export.errors import InputError
+from quest_export_runtime.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,348 @@
+"""Artifact directories: atomic writes and the manifest every artifact carries.
+
+A manifest records the schema version, the stage, the recipe fingerprint, the stage's
+sub-config, the SHA-256 of every input artifact and of every file written, and the
+versions of the software that wrote it. Standard library only (read on the device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from quest_export_runtime.errors import ArtifactError, ManifestMismatch
+
+MANIFEST_SCHEMA = 1
+MANIFEST_NAME = "manifest.json"
+VERSIONED_PACKAGES = ("quest-export", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt", "numpy")
+
+
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes ``out`` only if the block succeeds.
+
+    An interrupted run leaves at most a hidden ``.NAME.tmp-*`` folder, which never loads as
+    an artifact because it has no manifest under ``out``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"{out} already exists; remove it or choose another --out")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _plain(o: Any) -> Any:
+    """JSON fallback for numpy scalars and arrays (duck-typed: this module imports no numpy)."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, allow_nan: bool = True) -> Path:
+    """Write JSON through a temporary file; allow_nan=False refuses NaN/Infinity (strict RFC 8259)."""
+    path = Path(path)
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, default=_plain, allow_nan=allow_nan) + "\n"
+    except ValueError as e:  # a non-finite float where strict JSON is required
+        raise ArtifactError(f"{path.name}: {e}; manifests are strict JSON (the C++ runtime reads them with "
+                            "nlohmann/json): record non-finite values as null or a string") from None  # fmt: skip
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under root (relative POSIX paths), the manifest excluded."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
+    return out
+
+
+def write_manifest(root: str | os.PathLike, *, stage: str, recipe_fingerprint: str | None, config: Any = None,
+                   inputs: dict[str, str] | None = None, extra: dict | None = None) -> dict:  # fmt: skip
+    """Write root/manifest.json describing every file already in root."""
+    root = Path(root)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "stage": stage,
+        "recipe_fingerprint": recipe_fingerprint,
+        "config": config,
+        "inputs": inputs or {},
+        "files": file_hashes(root),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra:
+        manifest.update(extra)
+    write_json_atomic(root / MANIFEST_NAME, manifest, allow_nan=False)  # strict JSON: the C++ runtime reads it
+    return manifest
+
+
+def read_manifest(root: str | os.PathLike, *, stage: str | None = None) -> dict:
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{root} is not a quest-export artifact (no {MANIFEST_NAME}); "
+                            "point at a folder written by quest-export, or re-run the stage")  # fmt: skip
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is corrupt ({e.msg}); re-run the stage that wrote it") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a manifest (a JSON {type(manifest).__name__}, not an object); "
+                            "re-run the stage that wrote it")  # fmt: skip
+    schema = manifest.get("schema")
+    if schema != MANIFEST_SCHEMA:
+        raise ManifestMismatch(f"{path} has manifest schema {schema!r}; this quest-export reads schema "
+                               f"{MANIFEST_SCHEMA}: re-create the artifact or use a matching quest-export")  # fmt: skip
+    if stage is not None and manifest.get("stage") != stage:
+        raise ArtifactError(f"{root} holds a '{manifest.get('stage')}' artifact, not '{stage}'")
+    return manifest
+
+
+def verify_files(root: str | os.PathLike, manifest: dict | None = None) -> None:
+    """Raise ManifestMismatch naming the first unsafe path, missing, escaping or tampered file (Manifest.check_files)."""
+    Manifest(Path(root), manifest or read_manifest(root)).check_files()
+
+
+# -- the manifest check shared with the C++ runtime ----------------------------------------------------------------
+#
+# One check, the same in quest_export_runtime (the Python runtime), `quest-export verify` and runtime/cpp
+# (manifest.cpp, device.cpp): the same rules in the same order, refusing with the same one-line reason
+# ("ROOT: reason"); tests/fixtures/manifests/cases.json holds the expected lines, tests/cpp/test_manifest_fixtures.py
+# runs all three consumers over them.
+
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")  # TensorRT engine files: none may sit in a folder unlisted
+TEST_DEVICE_ENV = "QUEST_EXPORT_TEST_DEVICE"  # TEST ONLY: a simulated device (see simulated_device)
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def unsafe_path_reason(rel: str) -> str | None:
+    """Why a manifest ``files`` key is not a plain relative path inside the folder, or None when it is."""
+    again = "re-run the stage that wrote it"
+    parts = rel.split("/")
+    if rel.startswith("/"):
+        return f"file entry '{rel}' is an absolute path; manifest paths are relative to the folder: {again}"
+    if ".." in parts:
+        return f"file entry '{rel}' leaves the folder ('..'); manifest paths must stay inside the folder: {again}"
+    if not rel or "\\" in rel or any(p in ("", ".") for p in parts):
+        return f"file entry '{rel}' is not a plain relative path (empty or '.' parts, backslashes); {again}"
+    return None
+
+
+def normalize_compute_capability(cc: Any) -> str:
+    """'8.7' from '8.7', 8.7, [8, 7], '87' or 'sm_87'."""
+    if isinstance(cc, (list, tuple)) and len(cc) == 2:
+        return f"{int(cc[0])}.{int(cc[1])}"
+    s = str(cc).strip().lower().removeprefix("sm_")
+    if re.fullmatch(r"\d+\.\d+", s):
+        return s
+    if re.fullmatch(r"\d{2,3}", s):
+        return f"{s[:-1]}.{s[-1]}"
+    raise ArtifactError(f"compute_capability {cc!r} is not of the form 'major.minor'")
+
+
+def same_trt_version(built: str, installed: str) -> bool:
+    """Engines load only on the TensorRT they were built with: compare major.minor.patch (as far as both say)."""
+    b, i = str(built).split("."), str(installed).split(".")
+    n = min(len(b), len(i), 3)
+    return b[:n] == i[:n]
+
+
+def _same_release(a: str, b: str) -> bool:
+    """JetPack '6.1.0' vs '6.1': the same when the common leading components agree (major.minor at most)."""
+    x, y = str(a).split("."), str(b).split(".")
+    n = min(len(x), len(y), 2)
+    return x[:n] == y[:n]
+
+
+def simulated_device():
+    """TEST ONLY: the device of $QUEST_EXPORT_TEST_DEVICE, or None when it is unset.
+
+    The variable holds JSON ``{"trt_version": "10.3.0", "compute_capability": "8.7", "jetpack": "6.1"}``
+    (``jetpack`` null: not a Jetson). The C++ runtime reads the same variable (runtime/cpp/include/quest/device.h),
+    so both runtimes can be checked against tests/fixtures/manifests/ without a GPU. Never set it on a device.
+    """
+    text = os.environ.get(TEST_DEVICE_ENV)
+    if not text:
+        return None
+    from quest_export_runtime.session import DeviceInfo
+
+    try:
+        spec = json.loads(text)
+        jetpack = spec.get("jetpack")
+        return DeviceInfo(str(spec["trt_version"]), normalize_compute_capability(spec["compute_capability"]),
+                          f"simulated JetPack {jetpack}" if jetpack else None,
+                          jetpack=str(jetpack) if jetpack else None)  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError, ArtifactError):
+        raise ArtifactError(f"${TEST_DEVICE_ENV} (test only) must be a JSON object with trt_version, "
+                            "compute_capability and jetpack; unset it on a real device") from None  # fmt: skip
+
+
+def engine_device_reason(manifest: dict, device: Any, rebuild: str) -> str | None:
+    """Why an engine folder's manifest does not fit ``device`` (TensorRT version, GPU, Jetson, JetPack), or None.
+
+    ``device`` has ``trt_version``, ``compute_capability``, ``jetson`` (None off a Jetson) and ``jetpack``
+    (None when unknown), as quest_export_runtime.session.DeviceInfo. ``rebuild`` is the command to name.
+    """
+    build = manifest.get("build") or {}
+    built_trt = manifest.get("trt_version") or build.get("trt_version")
+    built_cc = manifest.get("compute_capability") or build.get("compute_capability")
+    if not built_trt or not built_cc:
+        return f"engine manifest lacks trt_version or compute_capability; rebuild the engine: {rebuild}"
+    again = f"rebuild it on this device: {rebuild}"
+    if not same_trt_version(built_trt, device.trt_version):
+        return f"engine built with TensorRT {built_trt}, this device has TensorRT {device.trt_version}; {again}"
+    built_cc, device_cc = (
+        normalize_compute_capability(built_cc),
+        normalize_compute_capability(device.compute_capability),
+    )
+    if built_cc != device_cc:
+        return f"engine built for SM {built_cc}, this GPU is SM {device_cc}; {again}"
+    target = _target_id(manifest) or ""
+    if target.startswith("jetson") and device.jetson is None:
+        return f"engine built for {target}, but this machine is not a Jetson (no /etc/nv_tegra_release); {again}"
+    built_jp, device_jp = manifest.get("jetpack") or build.get("jetpack"), getattr(device, "jetpack", None)
+    if built_jp and device_jp and not _same_release(built_jp, device_jp):
+        return f"engine built on JetPack {built_jp}, this device runs JetPack {device_jp}; {again}"
+    return None
+
+
+def _target_id(manifest: dict) -> str | None:
+    target = manifest.get("target")
+    return target.get("id") if isinstance(target, dict) else target
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An artifact folder's manifest.json and the one check every consumer runs before loading anything."""
+
+    root: Path
+    data: dict
+
+    @classmethod
+    def read(cls, root: str | os.PathLike, *, stage: str | None = None) -> Manifest:
+        """Schema (and optionally stage) checked; nothing else in the folder is read."""
+        return cls(Path(root), read_manifest(root, stage=stage))
+
+    @property
+    def stage(self) -> str | None:
+        return self.data.get("stage")
+
+    @property
+    def files(self) -> dict[str, str]:
+        files = self.data.get("files", {})
+        if not isinstance(files, dict):
+            raise ManifestMismatch(f"{self.root / MANIFEST_NAME}: 'files' must be an object {{path: sha256}}")
+        return files
+
+    def _refuse(self, reason: str) -> ManifestMismatch:
+        return ManifestMismatch(f"{self.root}: {reason}")
+
+    def check_files(self) -> None:
+        """Every ``files`` key a plain relative path; then, in key order, each file present, inside the folder
+        (symlinks resolved) and matching its sha256; then no engine file in the folder left unlisted."""
+        files = dict(sorted(self.files.items()))
+        for rel, digest in files.items():
+            if reason := unsafe_path_reason(rel):
+                raise self._refuse(reason)
+            if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64:
+                raise self._refuse(
+                    f"file entry '{rel}' has no lowercase sha256 hex digest; re-run the stage that wrote it"
+                )
+        inside = os.path.realpath(self.root) + os.sep
+        for rel, digest in files.items():
+            p = self.root / rel
+            if not p.is_file():
+                raise self._refuse(f"file '{rel}' listed in the manifest is missing; re-copy the whole folder")
+            if not os.path.realpath(p).startswith(inside):
+                raise self._refuse(
+                    f"file '{rel}' is a symlink that leaves the folder; copy the file itself into the folder"
+                )
+            if sha256_file(p) != digest:
+                raise self._refuse(f"file '{rel}' does not match its manifest hash (tampered or truncated); "
+                                   "re-copy the folder or re-run the stage that wrote it")  # fmt: skip
+        for rel in self.engine_files_on_disk():
+            if rel not in files:
+                raise self._refuse(f"engine file '{rel}' is not listed in the manifest, so nothing vouches for it; "
+                                   "delete it or rebuild the engine folder")  # fmt: skip
+
+    def engine_files_on_disk(self) -> list[str]:
+        """Engine files under the folder (sorted relative paths); hidden folders and nested artifacts (folders
+        with their own manifest, e.g. a bundle's engine/) are skipped, links to folders not followed."""
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [
+                d for d in dirnames if not d.startswith(".") and not (Path(dirpath, d) / MANIFEST_NAME).exists()
+            ]
+            rel_dir = Path(dirpath).relative_to(self.root)
+            out += [(rel_dir / f).as_posix() for f in filenames if f.endswith(ENGINE_SUFFIXES)]
+        return sorted(out)
+
+    def rebuild_command(self) -> str:
+        return f"quest-export build --from <bundle> --target {_target_id(self.data) or '<target-id>'}"
+
+    def check_device(self, device: Any = None, *, rebuild: str | None = None) -> None:
+        """An engine folder against ``device`` (None: the simulated test device, else this machine's TensorRT/GPU)."""
+        if device is None:
+            device = simulated_device()
+        if device is None:
+            from quest_export_runtime.session import query_device
+
+            device = query_device()
+        if reason := engine_device_reason(self.data, device, rebuild or self.rebuild_command()):
+            raise self._refuse(reason)
+
+    def check(self, device: Any = None) -> None:
+        """The whole check: files (paths, presence, symlinks, hashes, unlisted engines), then for an engine
+        folder (stage build-trt) the TensorRT version, GPU and platform it was built for."""
+        self.check_files()
+        if self.stage == "build-trt":
+            self.check_device(device)
