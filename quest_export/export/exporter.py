@@ -83,6 +83,29 @@ def export_opset(target: TargetProfile, *, needs_int4: bool) -> tuple[int, int]:
     return target.max_opset, target.ir_version
 
 
+# What produces a LES layer's input (quest.md 7.6), by diffusers name: where 1/gamma could fold upstream exactly in
+# float arithmetic (a norm's affine, the rows of a linear producer) and where a nonlinearity, a residual stream or
+# a concatenation comes first. The export keeps Div(x, gamma) for every LES layer (bit-exact with the fake-quant
+# model); this label says where a fold would remove it.
+LES_PRODUCERS = (
+    ((".conv1", ".conv2", ".time_emb_proj", "time_embedding.linear_2", "conv_out"), "silu"),
+    ((".conv_shortcut",), "residual-or-concat"),
+    ((".conv",), "residual"),  # downsamplers.*.conv / upsamplers.*.conv read the block output (upsampled)
+    ((".proj_out",), "residual"),
+    ((".proj_in", ".ff.net.0.proj", ".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn2.to_q"), "norm-affine"),
+    ((".ff.net.2", ".to_out.0"), "linear-producer"),  # the GEGLU hidden half / the rows of to_v (P V is linear in V)
+    ((".attn2.to_k", ".attn2.to_v"), "conditioning"),  # scaled once per call or folded into the class table
+)
+
+
+def les_producer(name: str) -> str:
+    """The kind of operation that feeds layer ``name`` (see LES_PRODUCERS); 'model-input' or 'other' else."""
+    for suffixes, kind in LES_PRODUCERS:
+        if name.endswith(suffixes):
+            return kind
+    return "model-input" if name in ("conv_in", "time_embedding.linear_1") else "other"
+
+
 def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dict]:
     """Per-layer storage choices for the manifest and the lint (deploy.md E-8, E-10)."""
     recs = []
@@ -101,7 +124,8 @@ def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dic
         a_bits = iq.bits if iq is not None else (acts[s.shared_input].bits if s.shared_input in acts else None)
         recs.append({"name": name, "kind": s.kind, "w_bits": s.w_bits, "a_bits": a_bits, "storage": storage,
                      "a_storage": acts[a_name].storage if a_name in acts else "float", "split_at": s.split_at,
-                     "role": s.role, "les": s.les, "pts": s.pts})  # fmt: skip
+                     "role": s.role, "les": s.les, "pts": s.pts,
+                     "les_producer": les_producer(name) if s.les else None})  # fmt: skip
     return recs
 
 

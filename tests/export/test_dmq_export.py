@@ -75,6 +75,8 @@ def test_dmq_exports_exactly_for_onnx_runtime(shop, kind, bits):
     les = [r["name"] for r in man["layers"] if r["les"]]
     pts = [r["name"] for r in man["layers"] if r["pts"]]
     assert les and pts, man["layers"][:2]
+    kinds = {r["les_producer"] for r in man["layers"] if r["les"]}
+    assert {"silu", "residual-or-concat", "linear-producer"} <= kinds and None not in kinds, kinds
     model = onnx.load(str(exp / man["graphs"][0]["file"]))
     inits = {i.name for i in model.graph.initializer}
     divs = [n for n in model.graph.node if n.op_type == "Div" and any(x.endswith(".export_les_scale") for x in n.input)]
