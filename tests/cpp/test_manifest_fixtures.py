@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from quest_export_runtime.bundle import open_artifact
-from quest_export_runtime.errors import ManifestMismatch
+from quest_export_runtime.errors import ArtifactError, ManifestMismatch
 from quest_export_runtime.manifest import TEST_DEVICE_ENV
 
 from cli.main import main as cli_main
@@ -101,7 +101,7 @@ def test_simulated_device_is_refused_when_malformed(build, tmp_path, monkeypatch
     monkeypatch.setenv(TEST_DEVICE_ENV, "{not json")
     proc = run(build, "quest_sample", root, "--check", check=False)
     assert proc.returncode == 2 and TEST_DEVICE_ENV in proc.stderr
-    with pytest.raises(Exception, match=TEST_DEVICE_ENV):
+    with pytest.raises(ArtifactError, match=TEST_DEVICE_ENV):
         open_artifact(root)
 
 
