@@ -6,7 +6,13 @@ STAMP := $(VENV)/.installed
 
 ORT_CPP := $(abspath $(VENV))/onnxruntime
 
-.PHONY: setup system-deps demo test test-gpu test-trt lint bench runtime ort-cpp golden clean distclean
+# Python 3.10, the floor requires-python claims, where one is installed (Debian 12 packages none; pyenv builds may be
+# there): a venv with tomli only, for tests/test_python_floor.py. The full suite runs on 3.11 (docs/dependencies.md).
+PY310 ?= $(shell for p in $(HOME)/.pyenv/versions/3.10*/bin/python3.10 python3.10; do \
+  $$p -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null && { command -v $$p; break; }; done)
+VENV310 := .venv310
+
+.PHONY: setup floor system-deps demo test test-gpu test-trt lint bench runtime ort-cpp golden clean distclean
 
 $(STAMP): pyproject.toml runtime/python/pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +23,13 @@ $(STAMP): pyproject.toml runtime/python/pyproject.toml requirements/constraints.
 	touch $(STAMP)
 
 setup: $(STAMP)
+	-@$(MAKE) -s floor
+
+floor:
+	@if [ -x $(VENV310)/bin/python ]; then :; \
+	elif [ -n "$(PY310)" ]; then $(PY310) -m venv $(VENV310) && $(VENV310)/bin/python -m pip install -q -c requirements/constraints.txt "tomli>=1.1" \
+	  || { rm -rf $(VENV310); echo "note: could not create $(VENV310); tests/test_python_floor.py will skip"; }; \
+	else echo "note: no Python 3.10 interpreter; tests/test_python_floor.py will skip"; fi
 
 # The main job on the bundled default model: off the device this ends with a Jetson bundle.
 demo: $(STAMP)
@@ -48,6 +61,7 @@ ort-cpp: $(STAMP)
 test: $(STAMP)
 	-@$(MAKE) -s system-deps
 	-@$(MAKE) -s ort-cpp
+	-@$(MAKE) -s floor
 	ONNXRUNTIME_ROOT=$(ORT_CPP) $(BIN)/python -m pytest -q -m "not trt and not gpu"
 
 test-gpu: $(STAMP)
@@ -76,4 +90,4 @@ clean:
 	rm -rf engines/out build runs .pytest_cache .ruff_cache
 
 distclean: clean
-	rm -rf $(VENV) calib/cache
+	rm -rf $(VENV) $(VENV310) calib/cache

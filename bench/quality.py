@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
-    p.add_argument("--work", default=None, help="cache root (default: the repository)")
+    p.add_argument("--work", default=None, help="work folder (default: $QUEST_EXPORT_WORK, else the current directory)")
     p.add_argument("--out", default="bench_quality.json")
     p.add_argument("--no-float", action="store_true", help="skip the float rows")
     p.add_argument("--merged", action="store_true", help="also evaluate merged (single) scale sets of G > 1 rows")

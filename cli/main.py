@@ -51,7 +51,9 @@ def recipe_options(fn):
         click.option("--bits", default=None, help="precision preset: w8a8 | w4a8 | w4a4"),
         click.option("--preset", default=None, help="effort preset: fast (CPU) | gpu | paper (reference)"),
         click.option("--method", default=None, help="ptq | qdiffusion | quest | dmq"),
-        click.option("--target", default=None, help="target profile id (engines/targets), or 'jetson'"),
+        click.option(
+            "--target", default=None, help="target profile id (packaged, or in $QUEST_EXPORT_TARGETS) or 'jetson'"
+        ),
         click.option("--recipe", "recipe_file", default=None, help="recipe JSON file (see --dump-recipe)"),
         click.option("--set", "sets", multiple=True, help="override a recipe field: --set quant.a_bits=4"),
         click.option("--device", default=None, help="auto | cpu | cuda"),
@@ -60,6 +62,12 @@ def recipe_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def work_option(fn):
+    """--work DIR: where calib/cache, runs/ and engines/out go (quest_export.workdir resolves the default)."""
+    return click.option("--work", default=None, metavar="DIR",
+                        help="folder for calib/cache, runs/ and engines/out (default: $QUEST_EXPORT_WORK, else .)")(fn)  # fmt: skip
 
 
 def _recipe(opts: dict):
@@ -160,28 +168,33 @@ def info(model_arg, as_json, **opts):
 
 @main.command()
 @recipe_options
+@work_option
+@click.option("--out", default=None, help="calibration set folder (default WORK/calib/cache/<model>-<key>)")
 @guarded
-def calibrate(**opts):
-    """Record the float model's UNet inputs along its own sampling trajectories (calib/cache/)."""
-    _run("calibrate", opts)
+def calibrate(work, out, **opts):
+    """Record the float model's UNet inputs along its own sampling trajectories (WORK/calib/cache/)."""
+    _run("calibrate", opts, work=work, out=out)
 
 
 @main.command()
 @recipe_options
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--force", multiple=True, help="redo a stage even if a finished one matches (calibrate, quantize)")
+@work_option
+@click.option("--out", default=None, help="quantized artifact folder (default WORK/runs/quantize/<tag>-<key>)")
 @guarded
-def quantize(resume, force, **opts):
+def quantize(resume, force, work, out, **opts):
     """Quantize with --method ptq | qdiffusion | quest (calibrating first if needed)."""
-    _run("quantize", opts, resume=resume, force=tuple(force))
+    _run("quantize", opts, resume=resume, force=tuple(force), work=work, out=out)
 
 
 @main.command()
 @click.argument("run_dir", required=False, metavar="[RUN_DIR]")
 @recipe_options
-@click.option("--out", default=None, help="output folder (with RUN_DIR: required)")
+@work_option
+@click.option("--out", default=None, help="export folder (with RUN_DIR: required; else default WORK/runs/export/...)")
 @guarded
-def export(run_dir, out, **opts):
+def export(run_dir, work, out, **opts):
     """Export a quantized artifact (RUN_DIR) or the recipe's run to QDQ ONNX for --target, checked by lint."""
     recipe = _recipe(opts)
     if run_dir:
@@ -192,21 +205,23 @@ def export(run_dir, out, **opts):
                    f"opset {m['onnx']['opset']}, {m['scale_mode']}")  # fmt: skip
         return
     ctx = click.get_current_context()
-    pipeline.run(recipe, stages=("export",), show_progress=not ctx.obj["quiet"], on_stage=_print_stage)
+    pipeline.run(recipe, stages=("export",), out=out, work=work, show_progress=not ctx.obj["quiet"],
+                 on_stage=_print_stage)  # fmt: skip
 
 
 @main.command()
 @recipe_options
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="default: the target's runtime")
+@work_option
 @click.option(
-    "--out", default=None, help="engine / bundle folder (default engines/out/<model>-<method>-<bits>-<target>)"
+    "--out", default=None, help="engine / bundle folder (default WORK/engines/out/<model>-<method>-<bits>-<target>)"
 )
 @click.option("--from", "from_bundle", default=None, help="on the device: build the engine of this bundle")
 @click.option("--resume", is_flag=True, help="continue an interrupted quantization")
 @click.option("--force", multiple=True, help="redo these stages (calibrate, quantize, export, build, verify, all)")
 @click.option("--allow-experimental", is_flag=True, help="build cells not yet verified on hardware (with --from)")
 @guarded
-def build(backend, out, from_bundle, resume, force, allow_experimental, **opts):
+def build(backend, work, out, from_bundle, resume, force, allow_experimental, **opts):
     """The main job: calibrate -> quantize -> export -> build -> verify, reusing finished stages.
 
     With no --model, the bundled default model; `quest-export build --target jetson` ends with a bundle
@@ -221,8 +236,8 @@ def build(backend, out, from_bundle, resume, force, allow_experimental, **opts):
         click.echo(f"note: --backend ort checks the '{recipe.target.id}' graph with ONNX Runtime (the numerical "
                    "stand-in); the TensorRT engine is still built on the device from the bundle", err=True)  # fmt: skip
     ctx = click.get_current_context()
-    summary = pipeline.run(recipe, out=out, resume=resume, force=tuple(force), show_progress=not ctx.obj["quiet"],
-                           backend=backend, on_stage=_print_stage)  # fmt: skip
+    summary = pipeline.run(recipe, out=out, work=work, resume=resume, force=tuple(force),
+                           show_progress=not ctx.obj["quiet"], backend=backend, on_stage=_print_stage)  # fmt: skip
     _summary(summary)
     if summary.verify and not summary.verify.get("passed"):
         sys.exit(3)

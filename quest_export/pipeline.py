@@ -31,7 +31,6 @@ from quest_export.recipe.presets import (
 from quest_export.recipe.resolve import build_recipe, merge_layers, parse_set
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 ALL = ("calibrate", "quantize", "export", "build", "verify")
 
 
@@ -140,18 +139,20 @@ def resolve_device(recipe: Recipe) -> str:
 class _Run:
     """State shared by the stages of one run (paths, keys, the float model once loaded)."""
 
-    def __init__(self, recipe: Recipe, *, work: Path | None, out: Path | None, force: tuple[str, ...], resume: bool,
-                 show_progress: bool) -> None:  # fmt: skip
+    def __init__(self, recipe: Recipe, *, work: Path | None, outs: dict[str, Path], force: tuple[str, ...],
+                 resume: bool, show_progress: bool) -> None:  # fmt: skip
         from quest_export.models.loading import resolve_model, source_hash
+        from quest_export.workdir import WorkDirs
 
         self.recipe, self.force, self.resume, self.show = recipe, set(force), resume, show_progress
-        self.work = Path(work) if work else ROOT
+        self.dirs = WorkDirs.resolve(work)
+        self.outs = outs  # stage -> folder the user chose (--out) instead of the work folder's default
         self.info = resolve_model(recipe.model.name, cond=recipe.model.cond)
         self.keys = stage_keys(recipe, source_hash(self.info))
         self.device = resolve_device(recipe)
         q = recipe.quant
         self.tag = f"{Path(recipe.model.name).name}-{q.method}-{q.name}"
-        self.out = Path(out) if out else self.work / "engines" / "out" / f"{self.tag}-{recipe.target.id}"
+        self.out = outs.get("build") or self.dirs.engines / f"{self.tag}-{recipe.target.id}"
         self.backend: str | None = None  # "trt": the engine must be built here
         self.built_now: set[str] = set()  # stages computed (not reused) in this run
         self._model = None
@@ -192,14 +193,19 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     """Run ``stages`` in order, reusing finished ones. ``on_stage(result)`` is called after each.
 
     Args:
+        out: folder of the last stage's artifact (for ``verify``, the build folder); earlier stages and the
+            default go under the work folder.
+        work: where stage artifacts go (quest_export.workdir: default $QUEST_EXPORT_WORK, else the current directory).
         backend: None = the target's runtime (a TensorRT target gets a bundle, plus the engine where TensorRT
             and a matching GPU are here); "trt" insists on the engine and fails where it cannot be built.
     """
-    r = _Run(recipe, work=Path(work) if work else None, out=Path(out) if out else None, force=force, resume=resume,
+    needed = _needed(stages)
+    last = "build" if needed[-1] == "verify" else needed[-1]
+    outs = {last: Path(out).expanduser().absolute()} if out else {}  # artifacts record each other's paths
+    r = _Run(recipe, work=Path(work) if work else None, outs=outs, force=force, resume=resume,
              show_progress=show_progress)  # fmt: skip
     r.backend = backend
     summary = RunSummary(recipe=recipe)
-    needed = _needed(stages)
     if recipe.quant.method == "dmq" and "quantize" in needed:  # refuse before any work is done
         from quest_export.errors import NotBuiltError
 
@@ -233,11 +239,26 @@ def _needed(stages) -> list[str]:
 # -- stages ------------------------------------------------------------------------------------------
 
 
+def _claim(r: _Run, stage: str, path: Path) -> None:
+    """Refuse to overwrite a folder that holds this stage's artifact of another recipe (a --out chosen twice)."""
+    if not (path / "manifest.json").is_file() or stage in r.force or "all" in r.force:
+        return
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # unreadable: not reusable, rewritten atomically
+    if m.get("stage_key") not in (None, r.keys[stage]):
+        raise ArtifactError(f"{path} holds a {stage} artifact of another recipe "
+                            f"({str(m.get('recipe_fingerprint', '?'))[:12]}); choose another --out, remove the folder, "
+                            f"or pass --force {stage}")  # fmt: skip
+
+
 def _calibrate(r: _Run, paths):
     from quest_export.calib.collect import collect
     from quest_export.models.sampling import SamplerSpec
 
-    path = r.work / "calib" / "cache" / f"{Path(r.recipe.model.name).name}-{r.keys['calibrate']}"
+    path = r.outs.get("calibrate") or r.dirs.calib_cache / f"{Path(r.recipe.model.name).name}-{r.keys['calibrate']}"
+    _claim(r, "calibrate", path)
     if r.reusable("calibrate", path):
         return path, True, {}
     s = r.recipe.sampler
@@ -256,7 +277,8 @@ def _quantize(r: _Run, paths):
     from quest_export.quant.artifact import load_quantized, save_quantized
 
     rec = r.recipe
-    path = r.work / "runs" / "quantize" / f"{r.tag}-{r.keys['quantize']}"
+    path = r.outs.get("quantize") or r.dirs.quantize / f"{r.tag}-{r.keys['quantize']}"
+    _claim(r, "quantize", path)
     if r.reusable("quantize", path):
         return path, True, {}
     calib = CalibrationSet.load(paths["calibrate"])
@@ -313,7 +335,8 @@ def _export(r: _Run, paths):
     from quest_export.calib.collect import CalibrationSet
     from quest_export.export.exporter import onnx_from_artifact
 
-    path = r.work / "runs" / "export" / f"{r.tag}-{r.recipe.target.id}-{r.keys['export']}"
+    path = r.outs.get("export") or r.dirs.export / f"{r.tag}-{r.recipe.target.id}-{r.keys['export']}"
+    _claim(r, "export", path)
     if r.reusable("export", path):
         m = json.loads((path / "manifest.json").read_text())
         return path, True, {"precision": m["precision"], "onnx": m["onnx"]}
@@ -326,13 +349,9 @@ def _export(r: _Run, paths):
 
 def _build(r: _Run, paths):
     out = r.out
-    if (out / "manifest.json").is_file():
-        m = json.loads((out / "manifest.json").read_text())
-        if m.get("stage_key") not in (None, r.keys["build"]) and "build" not in r.force:
-            raise ArtifactError(f"{out} holds a build of another recipe ({m.get('recipe_fingerprint', '?')[:12]}); "
-                                "choose another --out, remove the folder, or pass --force build")  # fmt: skip
-        if r.reusable("build", out):
-            return out, True, {"kind": m.get("stage")}
+    _claim(r, "build", out)
+    if r.reusable("build", out):
+        return out, True, {"kind": json.loads((out / "manifest.json").read_text()).get("stage")}
     target = r.recipe.target
     if target.is_tensorrt:
         from quest_export.build.bundle import bundle_from_export

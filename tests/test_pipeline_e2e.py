@@ -76,8 +76,8 @@ def runs(work, repo_before) -> dict:
 
 @pytest.fixture
 def cli(work, monkeypatch):
-    """CliRunner with stage outputs under the module's work folder (the CLI has no --work option)."""
-    monkeypatch.setattr(pipeline, "ROOT", work)
+    """CliRunner with stage outputs under the module's work folder ($QUEST_EXPORT_WORK, the default of --work)."""
+    monkeypatch.setenv("QUEST_EXPORT_WORK", str(work))
     monkeypatch.setenv("QUEST_EXPORT_NO_PROGRESS", "1")
     monkeypatch.setitem(qe_log._QUIET, "value", False)  # `--quiet` sets a process-wide flag; restore it after
     return lambda *args: CliRunner().invoke(main, ["--quiet", *args])
@@ -194,6 +194,6 @@ def test_cli_refuses_an_out_folder_of_another_recipe(runs, cli, tmp_path):
     assert first.exit_code == 0, first.output
     before = tree(out)
     assert "manifest.json" in before and "verify.json" in before
-    err = assert_one_line_error(cli("build", *cli_args("cpu"), "--out", str(out)), "holds a build of another recipe")
+    err = assert_one_line_error(cli("build", *cli_args("cpu"), "--out", str(out)), "holds a build artifact of another recipe")
     assert str(out) in err
     assert tree(out) == before, "the refused build changed the folder"

@@ -43,7 +43,7 @@ def plan_build(
     """Decide how TensorRT builds an exported UNet for a target (deploy.md section 6).
 
     Args:
-        profile: a TensorRT target profile (``engines/targets/<id>.toml``).
+        profile: a TensorRT target profile (``quest_export/data/targets/<id>.toml``).
         onnx_io: the export manifest's ``io`` ({"inputs": [{"name", "dtype", "shape"}], "outputs": [...]}):
             a string first dim is the dynamic batch; every other dim must be a number.
         batch_max: images per call; the UNet batch goes up to twice this (guidance). None = profile.max_batch.

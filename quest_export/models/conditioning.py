@@ -1,4 +1,4 @@
-"""Conditioning for text pipelines: prompts from a list in calib/ encoded by the pipeline's text encoder.
+"""Conditioning for text pipelines: the packaged prompt list (quest_export/data/prompts) encoded by the pipeline's text encoder.
 
 The bundled models and any ``--cond FILE`` need none of this. A pipeline folder with a
 text encoder needs ``transformers`` (not a dependency of quest-export); without it the user
@@ -13,11 +13,11 @@ import torch
 
 from quest_export.errors import InputError
 
-PROMPTS = Path(__file__).resolve().parents[2] / "calib" / "prompts" / "default.txt"
+PROMPTS = ("prompts", "default.txt")  # under quest_export/data
 
 
 def encode_prompts(info, *, prompts_file: Path | None = None):
-    """Encode the calib/ prompt list (plus the empty prompt as the unconditional row)."""
+    """Encode a prompt list (default: the packaged one) (plus the empty prompt as the unconditional row)."""
     from quest_export.models.loading import Conditioning
 
     try:
@@ -27,7 +27,12 @@ def encode_prompts(info, *, prompts_file: Path | None = None):
             f"{info.root} encodes prompts with its text encoder, which needs `pip install transformers`; "
             "or precompute encoder_hidden_states into a safetensors file and pass --cond FILE"
         ) from None
-    path = prompts_file or PROMPTS
+    if prompts_file is None:
+        from quest_export.data import data
+
+        path = data(*PROMPTS)
+    else:
+        path = Path(prompts_file)
     prompts = [p.strip() for p in path.read_text().splitlines() if p.strip() and not p.startswith("#")]
     tok = AutoTokenizer.from_pretrained(str(info.root / "tokenizer"))
     enc = CLIPTextModel.from_pretrained(str(info.root / "text_encoder")).eval()

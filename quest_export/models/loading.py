@@ -17,7 +17,6 @@ from quest_export.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
 
-ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "models"
 BUNDLED = ("fmnist-cond", "fmnist-uncond")
 DEFAULT_MODEL = "fmnist-cond"
 SUPPORTED = ("UNet2DModel", "UNet2DConditionModel")
@@ -102,7 +101,12 @@ def _read_json(p: Path) -> dict:
 
 def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
     """Find a model by bundled name or path and read its metadata (no weights, no torch)."""
-    root = ZOO_DIR / name if name in BUNDLED else Path(name).expanduser()
+    if name in BUNDLED:
+        from quest_export.data import package_dir
+
+        root = package_dir("quest_export.zoo", "models", name)
+    else:
+        root = Path(name).expanduser()
     if not root.exists():
         raise ModelError(f"model '{name}' not found: give a bundled name ({', '.join(BUNDLED)}) or a diffusers "
                          "folder (a UNet folder with config.json, or a pipeline folder with unet/ and scheduler/)")  # fmt: skip

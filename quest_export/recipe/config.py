@@ -209,7 +209,7 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class TargetProfile:
-    """One deployment target, loaded from engines/targets/<id>.toml (deploy.md section 1)."""
+    """One deployment target, loaded from quest_export/data/targets/<id>.toml (deploy.md section 1)."""
 
     id: str = "cpu"
     runtime: str = "ort"  # ort | tensorrt

@@ -1,7 +1,8 @@
-"""Target profiles: engines/targets/<id>.toml loaded into ``TargetProfile``.
+"""Target profiles: quest_export/data/targets/<id>.toml (package data) loaded into ``TargetProfile``.
 
-``tomllib`` is imported inside the loader (host side only); the device reads the resolved
-profile that travels as JSON inside a bundle's manifest.
+``$QUEST_EXPORT_TARGETS`` names a folder of user profiles that replaces the packaged ones. The TOML
+reader is imported inside the loader (host side only); the device reads the resolved profile that
+travels as JSON inside a bundle's manifest.
 """
 
 from __future__ import annotations
@@ -9,27 +10,46 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quest_export.errors import RecipeError, TargetError
 from quest_export.recipe.config import TargetProfile, coerce, from_jsonable
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 ALIASES = {"jetson": "jetson-orin-jp61"}
 
 
-def targets_dir() -> Path:
-    """Folder of the profiles: $QUEST_EXPORT_TARGETS, else engines/targets in the source tree."""
+def targets_dir() -> Path | Traversable:
+    """Folder of the profiles: $QUEST_EXPORT_TARGETS (user profiles), else the package's data/targets."""
     env = os.environ.get("QUEST_EXPORT_TARGETS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "engines" / "targets"
+    if env:
+        return Path(env)
+    from quest_export.data import data
+
+    return data("targets")
 
 
 def list_targets() -> list[str]:
-    return sorted(p.stem for p in targets_dir().glob("*.toml"))
+    folder = targets_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml") and p.is_file())
+
+
+def _toml():
+    """The TOML reader: the standard library's tomllib (3.11+), else tomli (a dependency on 3.10)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
 
 
 def load_target(name: str) -> TargetProfile:
     """Load a profile by id or alias (``jetson`` = jetson-orin-jp61)."""
-    import tomllib
-
+    tomllib = _toml()
     tid = ALIASES.get(name, name)
     path = targets_dir() / f"{tid}.toml"
     if not path.is_file():

@@ -11,7 +11,11 @@ import torch
 
 from quest_export.errors import ArtifactError
 
-CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "zoo" / "models" / "classifier"
+
+def classifier_dir() -> Path:
+    from quest_export.data import package_dir
+
+    return package_dir("quest_export.zoo", "models", "classifier")
 
 
 @functools.lru_cache(maxsize=2)
@@ -20,9 +24,9 @@ def load_classifier(device: str = "cpu"):
 
     from quest_export.zoo.architectures import FashionClassifier
 
-    path = CLASSIFIER_DIR / "model.safetensors"
+    path = classifier_dir() / "model.safetensors"
     if not path.is_file():
-        raise ArtifactError(f"the metric classifier is missing ({path}); restore it from the repository")
+        raise ArtifactError(f"the metric classifier is missing ({path}); reinstall quest-export")
     net = FashionClassifier()
     net.load_state_dict(load_file(str(path)))
     return net.to(device).eval().requires_grad_(False)
@@ -32,8 +36,9 @@ def reference_stats() -> tuple[np.ndarray, np.ndarray, dict]:
     """(mu, sigma) of the classifier's penultimate features on the Fashion-MNIST test set, and metadata."""
     from safetensors.numpy import load_file
 
-    d = load_file(str(CLASSIFIER_DIR / "fd_reference.safetensors"))
-    meta = json.loads((CLASSIFIER_DIR / "config.json").read_text())
+    folder = classifier_dir()
+    d = load_file(str(folder / "fd_reference.safetensors"))
+    meta = json.loads((folder / "config.json").read_text())
     return d["mu"].astype(np.float64), d["sigma"].astype(np.float64), meta
 
 

@@ -20,7 +20,7 @@ from tests.tiny import tiny_cond_unet, tiny_uncond_unet, write_tiny_model_dir
 @pytest.fixture(autouse=True)
 def sandbox(tmp_path, monkeypatch):
     """Stage outputs go under tmp_path, not the repository; no progress bars; a wide table."""
-    monkeypatch.setattr(pipeline, "ROOT", tmp_path / "work")
+    monkeypatch.setenv("QUEST_EXPORT_WORK", str(tmp_path / "work"))
     monkeypatch.setenv("QUEST_EXPORT_NO_PROGRESS", "1")
     monkeypatch.setenv("COLUMNS", "250")
     monkeypatch.setitem(qe_log._QUIET, "value", False)  # `--quiet` sets a process-wide flag; restore it after
@@ -157,3 +157,54 @@ def test_dmq_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch):
     result = invoke("--quiet", "quantize", "--model", str(model_dirs["cond"]), "--method", "dmq", *QUICK)
     assert_user_error(result, "not built yet")
     assert not (tmp_path / "work" / "runs").exists()
+
+
+# -- where stages write: --work, $QUEST_EXPORT_WORK, the current directory, --out ------------------------------------
+
+PTQ = ["--method", "ptq", *QUICK, "--set", "ptq.adaround_iters=0", "--set", "quant.timestep_groups=1"]
+
+
+def manifests(root) -> list[str]:
+    return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("manifest.json"))
+
+
+def test_work_option_env_and_cwd_decide_where_stages_write(model_dirs, tmp_path, monkeypatch):
+    model = str(model_dirs["uncond"])
+    flag = tmp_path / "flag"
+    result = invoke("--quiet", "calibrate", "--model", model, *QUICK, "--work", str(flag))
+    assert result.exit_code == 0, result.output
+    (calib,) = manifests(flag)
+    assert calib.startswith("calib/cache/") and not (tmp_path / "work").exists()  # --work wins over the env var
+
+    result = invoke("--quiet", "calibrate", "--model", model, *QUICK)  # the sandbox's $QUEST_EXPORT_WORK
+    assert result.exit_code == 0, result.output
+    assert manifests(tmp_path / "work") == [calib]
+
+    monkeypatch.delenv("QUEST_EXPORT_WORK")
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = invoke("--quiet", "calibrate", "--model", model, *QUICK)
+    assert result.exit_code == 0, result.output
+    assert manifests(here) == [calib]
+
+
+def test_quantize_out_says_where_the_artifact_goes(model_dirs, tmp_path):
+    model = str(model_dirs["uncond"])
+    art = tmp_path / "my-artifact"
+    result = invoke("--quiet", "quantize", "--model", model, *PTQ, "--out", str(art))
+    assert result.exit_code == 0, result.output
+    assert (art / "manifest.json").is_file() and (art / "quant.json").is_file()
+    work = tmp_path / "work"
+    assert manifests(work) and all(m.startswith("calib/cache/") for m in manifests(work))  # only calibration there
+    assert f"[quantize] quantized model: {art} (" in result.stderr
+
+    again = invoke("--quiet", "quantize", "--model", model, *PTQ, "--out", str(art))
+    assert again.exit_code == 0 and f"{art} (reused)" in again.stderr
+    other = invoke("--quiet", "quantize", "--model", model, *PTQ, "--bits", "w4a8", "--out", str(art))
+    assert_user_error(other, "holds a quantize artifact of another recipe")
+
+    exp = tmp_path / "my-export"
+    result = invoke("--quiet", "export", "--model", model, *PTQ, "--target", "cpu", "--out", str(exp))
+    assert result.exit_code == 0, result.output
+    assert (exp / "model.onnx").is_file() and not (work / "runs" / "export").exists()

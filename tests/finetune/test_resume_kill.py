@@ -22,10 +22,6 @@ from tests.tiny import write_tiny_model_dir
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-# quest_export.pipeline writes every stage under pipeline.ROOT and reads no environment variable for it, so the
-# subprocess sets ROOT to the test's folder before handing its arguments to the CLI.
-WRAPPER = ("import sys; from pathlib import Path; import quest_export.pipeline as p; p.ROOT = Path(sys.argv[1]); "
-           "from cli.main import main; sys.argv = ['quest-export'] + sys.argv[2:]; main()")  # fmt: skip
 # Small QuEST run on the tiny cond UNet (10-step sampler, 3 groups). Stage B: 3 groups x 30 steps, so after the
 # first checkpoint (end of group 0) about 60 optimizer steps (~2 s) remain when the kill lands.
 SETS = ["calib.samples_per_group=4", "quant.timestep_groups=3", "ptq.adaround_iters=2", "ptq.act_batch=8",
@@ -39,7 +35,7 @@ def quantize_cmd(work: Path, model: Path, *extra: str) -> list[str]:
     args = ["--quiet", "quantize", "--model", str(model), "--method", "quest"]
     for s in SETS:
         args += ["--set", s]
-    return [sys.executable, "-c", WRAPPER, str(work), *args, *extra]
+    return [sys.executable, "-m", "cli.main", *args, "--work", str(work), *extra]
 
 
 def env() -> dict:

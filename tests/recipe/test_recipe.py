@@ -26,7 +26,7 @@ from quest_export.recipe.resolve import build_recipe, check_target, merge_layers
 from quest_export.recipe.targets import ALIASES, list_targets, load_target, targets_dir
 
 REPO = Path(__file__).resolve().parents[2]
-TARGET_FILES = sorted(p.stem for p in (REPO / "engines" / "targets").glob("*.toml"))
+TARGET_FILES = sorted(p.stem for p in (REPO / "quest_export" / "data" / "targets").glob("*.toml"))
 BITS = [None, *presets.BITS]
 EFFORTS = [None, *presets.EFFORT]
 
@@ -377,8 +377,8 @@ def test_unknown_target_suggests_close_id(name, close):
 
 
 def test_profile_id_must_equal_file_name(tmp_path, monkeypatch):
-    shutil.copy(REPO / "engines" / "targets" / "cpu.toml", tmp_path / "mycpu.toml")
-    shutil.copy(REPO / "engines" / "targets" / "gpu.toml", tmp_path / "gpu.toml")
+    shutil.copy(REPO / "quest_export" / "data" / "targets" / "cpu.toml", tmp_path / "mycpu.toml")
+    shutil.copy(REPO / "quest_export" / "data" / "targets" / "gpu.toml", tmp_path / "gpu.toml")
     monkeypatch.setenv("QUEST_EXPORT_TARGETS", str(tmp_path))
     assert targets_dir() == tmp_path
     assert list_targets() == ["gpu", "mycpu"]
