@@ -52,7 +52,7 @@ bool IsRegularFile(const std::string& path) {
 bool IsEngineFile(const std::string& name) {
   for (const char* suffix : kEngineSuffixes) {
     const std::string s(suffix);
-    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
+    if (name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
   }
   return false;
 }
