@@ -190,11 +190,21 @@ def normalize_compute_capability(cc: Any) -> str:
     raise ArtifactError(f"compute_capability {cc!r} is not of the form 'major.minor'")
 
 
+def version_parts(text: Any) -> tuple[int, ...]:
+    """Leading numeric parts of a version: '10.3.0.30-1+cuda12.5' -> (10, 3, 0, 30); '10.03' -> (10, 3); 'R36' -> ()."""
+    out = []
+    for p in re.split(r"[^0-9.]", str(text).strip(), maxsplit=1)[0].split("."):
+        if not p.isdigit():
+            break
+        out.append(int(p))
+    return tuple(out)
+
+
 def same_trt_version(built: str, installed: str) -> bool:
-    """Engines load only on the TensorRT they were built with: compare major.minor.patch (as far as both say)."""
-    b, i = str(built).split("."), str(installed).split(".")
-    n = min(len(b), len(i), 3)
-    return b[:n] == i[:n]
+    """Whether an engine built with TensorRT ``built`` loads on ``installed`` (B-13): major.minor.patch equal as far
+    as ``built`` states them (at least major.minor; a 4th, build, part is not compared), numbers not strings."""
+    b, i = version_parts(built)[:3], version_parts(installed)[:3]
+    return len(b) >= 2 and i[: len(b)] == b
 
 
 def _same_release(a: str, b: str) -> bool:
@@ -248,7 +258,8 @@ def engine_device_reason(manifest: dict, device: Any, rebuild: str) -> str | Non
     if built_cc != device_cc:
         return f"engine built for SM {built_cc}, this GPU is SM {device_cc}; {again}"
     target = _target_id(manifest) or ""
-    if target.startswith("jetson") and device.jetson is None:
+    on_jetson = getattr(device, "l4t", None) or getattr(device, "jetson", None)  # L4T release / line, None elsewhere
+    if target.startswith("jetson") and not on_jetson:
         return f"engine built for {target}, but this machine is not a Jetson (no /etc/nv_tegra_release); {again}"
     built_jp, device_jp = manifest.get("jetpack") or build.get("jetpack"), getattr(device, "jetpack", None)
     if built_jp and device_jp and not _same_release(built_jp, device_jp):
