@@ -214,7 +214,22 @@ def _same_release(a: str, b: str) -> bool:
     return x[:n] == y[:n]
 
 
-def simulated_device():
+@dataclass(frozen=True)
+class SimulatedDevice:
+    """TEST ONLY: the device of $QUEST_EXPORT_TEST_DEVICE (duck-typed like session.DeviceInfo)."""
+
+    trt_version: str
+    compute_capability: str
+    jetpack: str | None  # None: not a Jetson
+
+    @property
+    def l4t(self) -> str | None:
+        return f"simulated (JetPack {self.jetpack})" if self.jetpack else None
+
+    jetson = l4t  # the name session.DeviceInfo uses
+
+
+def simulated_device() -> SimulatedDevice | None:
     """TEST ONLY: the device of $QUEST_EXPORT_TEST_DEVICE, or None when it is unset.
 
     The variable holds JSON ``{"trt_version": "10.3.0", "compute_capability": "8.7", "jetpack": "6.1"}``
@@ -224,14 +239,11 @@ def simulated_device():
     text = os.environ.get(TEST_DEVICE_ENV)
     if not text:
         return None
-    from quest_export_runtime.session import DeviceInfo
-
     try:
         spec = json.loads(text)
         jetpack = spec.get("jetpack")
-        return DeviceInfo(str(spec["trt_version"]), normalize_compute_capability(spec["compute_capability"]),
-                          f"simulated JetPack {jetpack}" if jetpack else None,
-                          jetpack=str(jetpack) if jetpack else None)  # fmt: skip
+        return SimulatedDevice(str(spec["trt_version"]), normalize_compute_capability(spec["compute_capability"]),
+                               str(jetpack) if jetpack else None)  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError, ArtifactError):
         raise ArtifactError(f"${TEST_DEVICE_ENV} (test only) must be a JSON object with trt_version, "
                             "compute_capability and jetpack; unset it on a real device") from None  # fmt: skip
