@@ -1,6 +1,7 @@
-"""Sample quality of float, ptq, qdiffusion and quest at several bit widths, side by side, same seeds and noise.
+"""Sample quality of float and every registered method at several bit widths, side by side, same seeds and noise.
 
     python bench/quality.py --model fmnist-cond --rows default --n 1000 --jobs 6 --out results.json
+    python bench/quality.py --rows methods --preset gpu --n 1000 --jobs 6 --out methods.json   # issue 16's table
 
 Every row runs through the library (pipeline.run up to quantize, then eval with the same seed, so the
 same initial noise and labels for every row). Rows run as parallel worker processes (one GPU is shared);
@@ -88,6 +89,22 @@ SEEDS = _three_seeds("w4a4", [("qdiffusion-w4a4", "qdiffusion", SYM), ("quest-w4
 SEEDS_ASYM = _three_seeds("w4a4", [(f"{m}-w4a4-asym", m, ASYM_A) for m in ("qdiffusion", "quest")])
 SEEDS_PTQ = _three_seeds("w4a4", [(f"ptq-w4a4-{g}", "ptq", sets) for g, sets in (("sym", SYM), ("asym", ASYM_A))])
 SEEDS_W4A8 = _three_seeds("w4a8", [(f"{m}-w4a8", m, []) for m in ("qdiffusion", "quest")])  # symmetric everywhere
+# issue 16: ptq, qdiffusion, quest, dmq and dmq+quest on both models at W4A8, W4A6 and W4A4, three whole-pipeline
+# seeds (the DMQ rows also reseed LES/PTS's draws), rows '<model>/<method>-<bits>-s<k>'
+METHODS = ("ptq", "qdiffusion", "quest", "dmq", "dmq+quest")
+
+
+def _methods(bits: str) -> dict:
+    rows = {}
+    for tag, model in MODELS:
+        for m in METHODS:
+            for k, sd in enumerate(SEEDS3):
+                dmq_seed = [f"dmq.seed={k}"] if m.startswith("dmq") and k else []
+                rows[f"{tag}/{m}-{bits}-s{k}"] = (m, bits, sd + dmq_seed, "cpu", model)
+    return rows
+
+
+METHOD_ROWS = {b: _methods(b) for b in ("w4a8", "w4a6", "w4a4")}
 ROWSETS = {
     "standard": STANDARD,  # W4A4 on the default grid (asymmetric on the `cpu` target); three seeds: seeds-*
     "ablation": _sym_w4a4(ABLATION),
@@ -100,6 +117,8 @@ ROWSETS = {
     "seeds-asym": SEEDS_ASYM,
     "seeds-ptq": SEEDS_PTQ,
     "seeds-w4a8": SEEDS_W4A8,
+    **{f"methods-{b}": rows for b, rows in METHOD_ROWS.items()},
+    "methods": {k: v for rows in METHOD_ROWS.values() for k, v in rows.items()},
 }
 
 

@@ -48,9 +48,9 @@ def recipe_options(fn):
         click.option(
             "--cond", default=None, help="safetensors of encoder_hidden_states rows (any UNet2DConditionModel)"
         ),
-        click.option("--bits", default=None, help="precision preset: w8a8 | w4a8 | w4a4"),
+        click.option("--bits", default=None, help=f"precision preset: {' | '.join(pipeline.BITS_PRESETS)}"),
         click.option("--preset", default=None, help="effort preset: fast (CPU) | gpu | paper (reference)"),
-        click.option("--method", default=None, help="ptq | qdiffusion | quest | dmq"),
+        click.option("--method", default=None, help=" | ".join(pipeline.METHODS)),
         click.option(
             "--target", default=None, help="target profile id (packaged, or in $QUEST_EXPORT_TARGETS) or 'jetson'"
         ),
@@ -184,7 +184,7 @@ def calibrate(work, out, **opts):
 @click.option("--out", default=None, help="quantized artifact folder (default WORK/runs/quantize/<tag>-<key>)")
 @guarded
 def quantize(resume, force, work, out, **opts):
-    """Quantize with --method ptq | qdiffusion | quest (calibrating first if needed)."""
+    """Quantize with --method (a registered method: ptq, quest, ...; see --help), calibrating first if needed."""
     _run("quantize", opts, resume=resume, force=tuple(force), work=work, out=out)
 
 

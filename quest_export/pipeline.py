@@ -1,6 +1,6 @@
 """The only module that knows the order of the stages and the rule for reusing finished ones.
 
-    calibrate -> quantize (ptq | qdiffusion | quest) -> export -> build -> verify
+    calibrate -> quantize (a registered method: recipe/methods.py, quest_export/methods/) -> export -> build -> verify
 
 Each stage takes its inputs and its own sub-config and writes an artifact folder atomically.
 A stage is reused when its cache key matches: the key hashes the stage's sub-configs, the keys
@@ -21,17 +21,14 @@ from pathlib import Path
 from quest_export import __version__
 from quest_export.errors import ArtifactError, InputError
 from quest_export.recipe.config import Recipe, to_jsonable
-from quest_export.recipe.presets import (
-    PAPER_B_EPOCHS,
-    default_adaround,
-    default_groups,
-    default_split_shortcut,
-    default_weight_init,
-)
-from quest_export.recipe.resolve import build_recipe, merge_layers, parse_set
+from quest_export.recipe.methods import get_method, method_names
+from quest_export.recipe.presets import BITS, PAPER_B_EPOCHS
+from quest_export.recipe.resolve import build_recipe, fill_method_defaults, merge_layers, parse_set
 
 log = logging.getLogger(__name__)
 ALL = ("calibrate", "quantize", "export", "build", "verify")
+METHODS = method_names()  # the registered methods (recipe/methods.py), for the CLI's help
+BITS_PRESETS = tuple(BITS)
 
 
 def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: str | None = None,
@@ -65,19 +62,12 @@ def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: s
         if data["sampler"].get(k) is None:
             data["sampler"][k] = v
     q, effort = data["quant"], preset or (data["finetune"] or {}).get("preset") or "fast"
-    if q.get("timestep_groups") is None:
-        q["timestep_groups"] = default_groups(q["method"], effort, data["sampler"]["steps"])
-    if q["timestep_groups"] > data["sampler"]["steps"]:
+    fill_method_defaults(data, effort=effort)  # G, split shortcut, weight init, AdaRound (recipe/methods.py)
+    if q["timestep_groups"] is not None and q["timestep_groups"] > data["sampler"]["steps"]:
         from quest_export.errors import RecipeError
 
         raise RecipeError(f"quant.timestep_groups={q['timestep_groups']} exceeds sampler.steps={data['sampler']['steps']}; "
                           "every group needs at least one sampler step")  # fmt: skip
-    if q.get("split_shortcut") is None:
-        q["split_shortcut"] = default_split_shortcut(q["method"])
-    if data["ptq"].get("weight_init") is None:
-        data["ptq"]["weight_init"] = default_weight_init(q["method"])
-    if data["ptq"].get("adaround") is None:
-        data["ptq"]["adaround"] = default_adaround(q["method"])
     if effort == "paper" and "b_epochs" not in user.get("finetune", {}):
         data["finetune"]["b_epochs"] = PAPER_B_EPOCHS.get(data["model"]["family"], 300)
     return build_recipe(data)
@@ -97,8 +87,10 @@ def _key(*parts) -> str:
 def stage_keys(recipe: Recipe, model_hash: str) -> dict[str, str]:
     """Cache keys of every stage; device and verify thresholds are not part of them."""
     calib = _key("calibrate", model_hash, recipe.model, recipe.sampler, recipe.calib)
-    finetune = recipe.finetune if recipe.quant.method == "quest" else None
-    quant = _key("quantize", calib, recipe.quant, recipe.ptq, finetune)
+    method = get_method(recipe.quant.method)
+    finetune = recipe.finetune if method.finetune else None
+    dmq = [recipe.dmq] if method.uses_dmq_config else []  # absent for the other methods: their keys stay as they were
+    quant = _key("quantize", calib, recipe.quant, recipe.ptq, finetune, *dmq)
     export = _key("export", quant, recipe.export, recipe.target)
     build = _key("build", export, recipe.target)
     return {"calibrate": calib, "quantize": quant, "export": export, "build": build}
@@ -206,10 +198,14 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
              show_progress=show_progress)  # fmt: skip
     r.backend = backend
     summary = RunSummary(recipe=recipe)
-    if recipe.quant.method == "dmq" and "quantize" in needed:  # refuse before any work is done
+    method = get_method(recipe.quant.method)
+    not_built = method.not_built if "quantize" in needed else None
+    if "export" in needed:
+        not_built = not_built or method.export_not_built(to_jsonable(recipe.dmq), tensorrt=recipe.target.is_tensorrt)
+    if not_built:  # refuse before any work is done
         from quest_export.errors import NotBuiltError
 
-        raise NotBuiltError("method 'dmq' (LES + PTS) is not built yet; use --method ptq, qdiffusion or quest")
+        raise NotBuiltError(not_built)
     paths: dict[str, Path] = {}
     for name in ALL:
         if name not in needed:
@@ -271,10 +267,9 @@ def _calibrate(r: _Run, paths):
 
 
 def _quantize(r: _Run, paths):
-    import copy
-
     from quest_export.calib.collect import CalibrationSet
-    from quest_export.quant.artifact import load_quantized, save_quantized
+    from quest_export.methods import QuantizeJob, load_runner
+    from quest_export.quant.artifact import save_quantized
 
     rec = r.recipe
     path = r.outs.get("quantize") or r.dirs.quantize / f"{r.tag}-{r.keys['quantize']}"
@@ -286,45 +281,15 @@ def _quantize(r: _Run, paths):
     if work.exists() and not r.resume:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    stage_a = work / "stage_a"
     model = r.model()
-    teacher = copy.deepcopy(model.unet) if rec.quant.method == "quest" else None  # frozen float teacher
-    report: dict = {}
-    model_ref = {"name": rec.model.name, "cond": rec.model.cond, "hash": model.source_hash}
-    sampler = to_jsonable(rec.sampler)
-    if r.resume and (stage_a / "manifest.json").is_file():
-        log.info("resuming: stage A from %s", stage_a)
-        art = load_quantized(stage_a, device=r.device, model=model)
-        qunet = art.qunet
-        report["stage_a"] = art.meta.get("report", {}).get("stage_a", {})
-        r._model = None  # its UNet is quantized now
-    else:
-        from quest_export.ptq.stage_a import run_stage_a
-
-        qunet, rep = run_stage_a(model, calib, rec.quant, rec.ptq, groups=rec.quant.timestep_groups, device=r.device,
-                                 seed=rec.calib.seed, pooled=rec.calib.group_pooled, show_progress=r.show)  # fmt: skip
-        r._model = None
-        report["stage_a"] = {
-            "eps_mse": rep.eps_mse,
-            "adaround": rep.adaround,
-            "units": rep.units,
-            "seconds": rep.seconds,
-        }
-        if rec.quant.method == "quest":
-            save_quantized(qunet, stage_a, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=model_ref,
-                           sampler=sampler, stage="stage-a", extra={"report": report})  # fmt: skip
-    if rec.quant.method == "quest" and rec.finetune is not None:
-        from quest_export.finetune import finetune_
-        from quest_export.ptq.stage_a import eps_mse_per_group
-
-        fr = finetune_(qunet, teacher, calib, rec.finetune, family=rec.model.family, device=r.device, ckpt_dir=work,
-                       resume=r.resume, pooled=rec.calib.group_pooled, show_progress=r.show)  # fmt: skip
-        report["finetune"] = to_jsonable(fr.__dict__)
-        report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, calib, device=r.device)
+    runner = load_runner(get_method(rec.quant.method))
+    job = QuantizeJob(model=model, calib=calib, recipe=rec, device=r.device, work=work, resume=r.resume,
+                      show_progress=r.show)  # fmt: skip
+    qunet, report = runner.quantize(job)
+    r._model = None  # its UNet is quantized now
     qunet.unet.to("cpu")
-    save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=model_ref,
-                   sampler=sampler, config={"quant": to_jsonable(rec.quant), "ptq": to_jsonable(rec.ptq),
-                                            "finetune": to_jsonable(rec.finetune) if rec.quant.method == "quest" else None},
+    save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=job.model_ref,
+                   sampler=to_jsonable(rec.sampler), config=runner.config(rec),
                    extra={"report": report, "calibration": str(paths["calibrate"])})  # fmt: skip
     _stamp(path, r.keys["quantize"])
     shutil.rmtree(work, ignore_errors=True)
@@ -422,7 +387,18 @@ def _verify(r: _Run, paths):
 from quest_export.errors import QuestExportError  # noqa: E402  (re-exported for the CLI)
 from quest_export.log import set_quiet  # noqa: E402
 
-__all__ = ["ALL", "QuestExportError", "RunSummary", "StageResult", "resolve_recipe", "run", "set_quiet", "stage_keys"]
+__all__ = [
+    "ALL",
+    "BITS_PRESETS",
+    "METHODS",
+    "QuestExportError",
+    "RunSummary",
+    "StageResult",
+    "resolve_recipe",
+    "run",
+    "set_quiet",
+    "stage_keys",
+]
 
 
 # -- single verbs the CLI calls (each imports its stage lazily) ------------------------------------------
@@ -434,7 +410,8 @@ def info(recipe: Recipe) -> dict:
     from quest_export.quant.model import plan_quantization
 
     model = load_model(recipe.model.name, cond=recipe.model.cond)
-    plan = plan_quantization(model.unet, recipe.quant, groups=recipe.quant.timestep_groups)
+    pts = recipe.dmq.pts_layers if recipe.dmq.pts else ()  # used only by methods that declare PTS
+    plan = plan_quantization(model.unet, recipe.quant, groups=recipe.quant.timestep_groups, pts_layers=pts)
     params = sum(p.numel() for p in model.unet.parameters())
     return {"model": model.name, "class": model.info.class_name, "family": model.family, "parameters": params,
             "sample_shape": model.sample_shape, "sampler": model.info.sampling, "plan": plan.to_dict(),

@@ -101,7 +101,7 @@ def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dic
         a_bits = iq.bits if iq is not None else (acts[s.shared_input].bits if s.shared_input in acts else None)
         recs.append({"name": name, "kind": s.kind, "w_bits": s.w_bits, "a_bits": a_bits, "storage": storage,
                      "a_storage": acts[a_name].storage if a_name in acts else "float", "split_at": s.split_at,
-                     "role": s.role})  # fmt: skip
+                     "role": s.role, "les": s.les, "pts": s.pts})  # fmt: skip
     return recs
 
 
@@ -214,6 +214,25 @@ def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
             "feeds": "reference/feeds.json", "groups": groups}  # fmt: skip
 
 
+def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
+    """NotBuiltError for PTS factors on a TensorRT target: per-channel activation scales are not TensorRT's, and
+    folding the factors into the next layer's weights is not built yet; a graph without them would compute
+    something else."""
+    from quest_export.quant.artifact import PLAN_FILE
+
+    plan_file = Path(artifact) / PLAN_FILE
+    if not target.is_tensorrt or not plan_file.is_file():
+        return  # load_quantized names a missing file
+    meta = json.loads(plan_file.read_text())
+    layers = meta.get("plan", {}).get("layers", [])
+    if any(x.get("pts") for x in layers):
+        from quest_export.errors import NotBuiltError
+        from quest_export.recipe.methods import get_method
+
+        msg = get_method(meta["quant"]["method"]).export_not_built({"pts": True}, tensorrt=True)
+        raise NotBuiltError(msg or f"PTS export for TensorRT target '{target.id}' is not built yet")
+
+
 def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: ExportConfig, out: str | Path, calib,
                        recipe_fingerprint: str, scheduler_config: dict, device: str = "cpu") -> ExportResult:  # fmt: skip
     """Export a quantized artifact for ``target`` into ``out`` (written atomically).
@@ -225,6 +244,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     from quest_export.export.lint import lint_model
     from quest_export.models import load_model
 
+    refuse_pts_on_tensorrt(artifact, target)
     art = load_quantized(artifact, device="cpu")
     qunet = art.qunet
     quant = art.meta["quant"]

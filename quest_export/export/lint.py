@@ -865,6 +865,35 @@ def _clip_bounds(g: _Graph, clip: onnx.NodeProto) -> tuple[np.ndarray | None, np
     return (None if lo is None else np.asarray(lo)), (None if hi is None else np.asarray(hi))
 
 
+def _per_axis_low_bit_bounds(g: _Graph, q: onnx.NodeProto, s: np.ndarray, bits: int, name) -> _Finding | None:
+    """A per-axis low-bit Q in an 8-bit container (DMQ's PTS scales s * f_c on ONNX Runtime) needs per-channel
+    bounds: Max(Min(x, hi), lo) with lo = (q_min - z) s and hi = (q_max - z) s, channel by channel."""
+    z = g.array(q.input[2]) if len(q.input) > 2 else None
+    z = np.zeros_like(s) if z is None else z.astype(np.float32)
+    unsigned = g.q_output_type(q) == onnx.TensorProto.UINT8
+    q_min, q_max = (0, 2**bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    lo_want = ((np.float32(q_min) - z.reshape(-1)) * s.reshape(-1)).astype(s.dtype)
+    hi_want = ((np.float32(q_max) - z.reshape(-1)) * s.reshape(-1)).astype(s.dtype)
+    fix = (f"insert Max(Min(x, hi), lo) with per-channel lo = ({q_min} - z) s and hi = ({q_max} - z) s right before "
+           f"QuantizeLinear '{g.label(q)}' (a Clip cannot hold per-channel bounds), or use a per-tensor scale.")  # fmt: skip
+    mx = g.producer.get(q.input[0])
+    mn = g.producer.get(mx.input[0]) if mx is not None and mx.op_type == "Max" else None
+    if mn is None or mn.op_type != "Min":
+        return _Finding(g.label(q), f"per-axis INT8 Q of A{bits} layer '{name}' has no per-channel bounds "
+                        f"(Max(Min(x, hi), lo)) before it, so the container carries 8-bit activations.", fix)  # fmt: skip
+    lo, hi = g.array(mx.input[1]), g.array(mn.input[1])
+    if (
+        lo is None
+        or hi is None
+        or lo.size != s.size
+        or hi.size != s.size
+        or not (np.array_equal(lo.reshape(-1), lo_want) and np.array_equal(hi.reshape(-1), hi_want))
+    ):
+        return _Finding(g.label(mx), f"per-channel bounds before the INT8 Q of A{bits} layer '{name}' are not exactly "
+                        f"[({q_min} - z) s, ({q_max} - z) s].", fix)  # fmt: skip
+    return None
+
+
 def _e9b_low_bit_clip(g: _Graph) -> Iterator[_Finding]:
     for layer in g.layers:
         bits = layer.get("a_bits")
@@ -888,11 +917,9 @@ def _e9b_low_bit_clip(g: _Graph) -> Iterator[_Finding]:
             if s is None:
                 continue  # E-2/E-7 report a non-constant scale
             if s.size != 1:
-                yield _Finding(
-                    g.label(q),
-                    f"A{bits} layer '{name}' has a per-axis INT8 Q; a Clip cannot hold per-channel bounds.",
-                    "use a per-tensor A4 scale in the INT8 container, or INT4 activation Q on --target cpu.",
-                )
+                finding = _per_axis_low_bit_bounds(g, q, s, bits, name)
+                if finding is not None:
+                    yield finding
                 continue
             s = s.reshape(())
             lo_want = float((np.asarray(q_min, s.dtype) * s).astype(s.dtype))

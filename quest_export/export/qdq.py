@@ -10,6 +10,11 @@ buffers first, so they become named initializers:
     <layer>.weight_quantizer.export_w            integer weights, in the layout the op reads
     <layer>.weight_quantizer.export_scale / _zp  per-output-channel weight scale and zero point
 
+DMQ (quest.md 7.6, 9.3b): a layer's LES scale stays as ``Div(x, <layer>.export_les_scale)`` in front of its
+input Q (the division the fake-quant model computes; gamma itself is folded into W_int), and a
+quantizer with PTS factors f_c exports as a per-channel Q/DQ with scale s * f_c (exact: f_c is a
+power of two), which ONNX Runtime runs; TensorRT targets refuse it (per-tensor activation scales).
+
 Placement mirrors the fake-quant points (quest.md 9.8): activation Q/DQ on the inputs of
 quantized Conv/Linear (and attention operands where quantized), weight DQ per output
 channel, no output Q/DQ. Modes (quest.md 9.2): ``merged`` / ``per-group`` use constant scales;
@@ -73,7 +78,9 @@ class _QDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, s, zp, lo, hi, qmin, qmax, axis):
-        if not _is_none(lo):
+        if not _is_none(lo) and axis is not None:  # per-channel bounds (PTS): Clip takes scalars only
+            x = g.op("Max", g.op("Min", x, hi), lo)
+        elif not _is_none(lo):
             x = g.op("Clip", x, lo, hi)
         kw = {} if axis is None else {"axis_i": axis}
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, zp, **kw), s, zp, **kw)
@@ -151,7 +158,9 @@ class QdqEmitter:
         else:
             g = 0 if self.plan.group is None else self.plan.group
             s, z = q.scales[g].detach(), q.zero_points[g]
-        if not q.per_channel:
+        if q.pts_factors is not None:  # s_c = s * f_c (the fake-quant model's product, exact for powers of two)
+            s, z = (s.reshape(1) * q.pts_factors).float(), z.reshape(1).expand_as(q.pts_factors)
+        elif not q.per_channel:
             s, z = s.reshape(()), z.reshape(())
         return s.float(), z
 
@@ -163,11 +172,19 @@ class QdqEmitter:
             self._buffer(q, "export_zp", z.round().to(dtype))
             if self.plan.acts[name].clip:
                 zf = z.round().float()
-                self._buffer(q, "export_clip_lo", (q.qmin - zf) * s)
-                self._buffer(q, "export_clip_hi", (q.qmax - zf) * s)
+                lo, hi = (q.qmin - zf) * s, (q.qmax - zf) * s
+                if q.pts_factors is not None:  # per-channel bounds, shaped to broadcast along the channel axis
+                    shape = [-1] if q.axis == -1 else [-1, 1, 1]  # linear (..., C) or conv (N, C, H, W)
+                    lo, hi = lo.reshape(shape), hi.reshape(shape)
+                self._buffer(q, "export_clip_lo", lo)
+                self._buffer(q, "export_clip_hi", hi)
         for m in self.q.layers().values():
             for wq in m.weight_quantizers():
                 self._install_weight(m, wq)
+            if m.les_scale is not None:  # gamma, shaped to broadcast along the input channels: a named initializer
+                self._buffer(
+                    m, "export_les_scale", m.les_scale.view(-1, 1, 1) if m.spec.kind == "conv" else m.les_scale
+                )
 
     def _install_weight(self, m: QuantModule, wq: WeightQuantizer) -> None:
         if not wq.frozen:
@@ -188,7 +205,7 @@ class QdqEmitter:
         if self.plan.weight_only:
             return x
         info = self._act_by_module[id(q)]
-        axis = q.axis % x.dim() if q.per_channel else None
+        axis = q.axis % x.dim() if (q.per_channel or q.pts_factors is not None) else None
         if self.plan.scale_input:
             x = x * (1.0 / self._ratio(info))
         # the Clip keeps every integer on the b-bit grid inside the INT8 container (exact, E-9b)
@@ -207,6 +224,8 @@ class QdqEmitter:
 
     def layer(self, m: QuantModule, x: torch.Tensor) -> torch.Tensor:
         spec = m.spec
+        if m.les_scale is not None:  # LES: Div(x, gamma) before the input Q, the division the fake-quant model does
+            x = x / m.export_les_scale
         c = spec.split_at
         parts = [(slice(None), m.input_quantizer, m.weight_quantizer)] if c is None else [
             (slice(0, c), m.input_quantizer, m.weight_quantizer),

@@ -1,12 +1,11 @@
 """Stage A (quest.md 4): weight init, optional AdaRound, per-group activation init, and the
-two PTQ baselines built from them (quest.md 7.1, 7.2).
+PTQ baselines built from them (quest.md 7.1, 7.2). What runs is read from the method's
+declaration (recipe/methods.py), never from its name:
 
-    ptq         absmax (or MSE) weights, round to nearest; activations min/max over the whole
-                calibration set, one shared scale set (G = 1)
-    qdiffusion  MSE weight init + AdaRound/BRECQ; shared activation scales (G = 1) initialised on
-                a random batch over all timesteps, then LSQ-style scale reconstruction
-    quest/dmq   the same weights as qdiffusion; per-group activation init (G rows), no scale
-                reconstruction; finetuning follows in quest_export.finetune
+    accumulate_act  activations: min/max over the whole calibration set (plain PTQ)
+    act_recon       Q-Diffusion's LSQ-style activation-scale reconstruction after the init
+    adaround        AdaRound/BRECQ block reconstruction of the weights (MSE-initialised)
+    les / pts       DMQ's Stage A0 before the weights and Stage A4 after the activations
 """
 
 from __future__ import annotations
@@ -21,11 +20,11 @@ from quest_export.calib.collect import CalibrationSet
 from quest_export.log import progress
 from quest_export.ptq.reconstruct import reconstruct_act_scales_, reconstruct_weights_
 from quest_export.ptq.units import capture_outputs, find_units
-from quest_export.quant.groups import group_timesteps
+from quest_export.quant.groups import group_timesteps, step_group
 from quest_export.quant.model import QuantizedUNet, QuantMode, quantize_
 from quest_export.quant.observers import weight_scale_search
-from quest_export.recipe.config import PtqConfig, QuantRecipe
-from quest_export.recipe.presets import default_adaround, default_weight_init
+from quest_export.recipe.config import DmqConfig, PtqConfig, QuantRecipe
+from quest_export.recipe.methods import get_method
 
 log = logging.getLogger(__name__)
 RECON_POOL = 256  # calibration rows (over all steps) used for block reconstruction
@@ -37,6 +36,8 @@ class StageAReport:
     adaround: dict = field(default_factory=dict)  # unit -> {before, after} reconstruction error
     eps_mse: dict = field(default_factory=dict)  # group -> MSE(eps_q, eps_fp) on held rows
     units: list = field(default_factory=list)
+    les: dict = field(default_factory=dict)  # unit -> {before, after} LES loss (DMQ Stage A0)
+    pts: dict = field(default_factory=dict)  # layer -> {factor: channels} of the voted PTS factors (Stage A4)
     seconds: dict = field(default_factory=dict)  # sub-stage -> wall seconds
 
 
@@ -123,19 +124,25 @@ def eps_mse_per_group(qunet: QuantizedUNet, calib: CalibrationSet, *, device, ro
 
 
 def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig, *, groups: int, device,
-                seed: int = 0, pooled: bool = False, show_progress: bool = True) -> tuple[QuantizedUNet, StageAReport]:  # fmt: skip
-    """Quantize ``model.unet`` in place and calibrate it per ``quant.method``.
+                seed: int = 0, pooled: bool = False, show_progress: bool = True,
+                dmq: DmqConfig | None = None) -> tuple[QuantizedUNet, StageAReport]:  # fmt: skip
+    """Quantize ``model.unet`` in place and calibrate it per ``quant.method``'s declaration.
+
+    Args:
+        dmq: LES / PTS settings of the methods that declare them (None = the defaults).
 
     Returns:
         the quantized handle (weights frozen, every activation row initialised) and a report.
     """
     report = StageAReport()
+    method = get_method(quant.method)
+    dmq = dmq or DmqConfig()
+    les, pts = method.les and dmq.les, method.pts and dmq.pts
     ts = group_timesteps(calib.timesteps, groups)
-    qunet = quantize_(model.unet, quant, group_timesteps=ts)
+    qunet = quantize_(model.unet, quant, group_timesteps=ts, pts_layers=dmq.pts_layers if pts else ())
     qunet.unet.to(device)
-    method = quant.method
-    init_weights_(qunet, method=cfg.weight_init or default_weight_init(method))
-    adaround = default_adaround(method) if cfg.adaround is None else cfg.adaround
+    init_weights_(qunet, method=cfg.weight_init or method.weight_init)
+    adaround = method.adaround if cfg.adaround is None else cfg.adaround
     gen = torch.Generator().manual_seed(seed)
     all_rows = torch.arange(calib.x.shape[0])
     recon_rows = calib.draw(all_rows, min(RECON_POOL, all_rows.numel()), gen)
@@ -146,11 +153,24 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
         run_unet(qunet.unet, *b)
 
     units = []
-    if (adaround and cfg.adaround_iters > 0) or (method == "qdiffusion" and cfg.act_recon_iters > 0):
+    act_recon = method.act_recon and cfg.act_recon_iters > 0
+    les = les and dmq.les_iters > 0
+    if (adaround and cfg.adaround_iters > 0) or act_recon or les:
         with torch.no_grad(), qunet.ctx.select(0), qunet.mode(QuantMode.FP):
             units = find_units(qunet.unet, lambda: run_batch(batches[0]))
             targets = capture_outputs(qunet.unet, units, batches, run_batch, store)
         report.units = [u.name for u in units]
+    if les:  # Stage A0 (DMQ): gamma learned on float inputs and targets, folded, weights re-initialised
+        from quest_export.ptq.les import learn_equivalent_scales_
+
+        t0 = time.time()
+        row_groups = torch.tensor([step_group(int(i), calib.steps, groups) for i in calib.step[recon_rows]])
+        with qunet.ctx.select(0):
+            report.les = learn_equivalent_scales_(qunet, units, batches, run_batch, targets, row_groups, cfg=dmq,
+                                                  groups=groups, device=device, store=store,
+                                                  show_progress=show_progress)  # fmt: skip
+        init_weights_(qunet, method=cfg.weight_init or method.weight_init)  # quest.md 4.1 on the folded weights
+        report.seconds["les"] = _elapsed(t0, device)
     if adaround and cfg.adaround_iters > 0:
         t0 = time.time()
         with qunet.ctx.select(0):
@@ -161,15 +181,21 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
         report.seconds["adaround"] = _elapsed(t0, device)
     qunet.freeze_weights()  # round to nearest where AdaRound did not run; w_int stored for all
     t0 = time.time()
-    init_activations_(qunet, calib, cfg, device=device, seed=seed, accumulate=method == "ptq", pooled=pooled,
+    init_activations_(qunet, calib, cfg, device=device, seed=seed, accumulate=method.accumulate_act, pooled=pooled,
                       show_progress=show_progress)  # fmt: skip
     report.seconds["act_init"] = _elapsed(t0, device)
-    if method == "qdiffusion" and cfg.act_recon_iters > 0:
+    if act_recon:
         t0 = time.time()
         with qunet.ctx.select(0):
             reconstruct_act_scales_(qunet, units, batches, run_batch, targets, iters=cfg.act_recon_iters,
                                     batch=cfg.adaround_batch, lr=cfg.act_recon_lr, device=device, store=store,
                                     seed=seed, cuda_graphs=cfg.cuda_graphs, show_progress=show_progress)  # fmt: skip
         report.seconds["act_recon"] = _elapsed(t0, device)
+    if pts:  # Stage A4 (DMQ): per-channel power-of-two factors voted over samples of every group
+        from quest_export.ptq.pts import power_of_two_scales_
+
+        t0 = time.time()
+        report.pts = power_of_two_scales_(qunet, calib, dmq, device=device, seed=dmq.seed, pooled=pooled)
+        report.seconds["pts"] = _elapsed(t0, device)
     report.eps_mse = eps_mse_per_group(qunet, calib, device=device)
     return qunet, report

@@ -25,7 +25,7 @@ from quest_export.quant.groups import GroupContext
 from quest_export.quant.modules import LayerSpec, QuantModule, quant_class_for, quantizable_types
 from quest_export.quant.quantizer import ActQuantizer, CalibState, WeightQuantizer
 from quest_export.recipe.config import QuantRecipe
-from quest_export.recipe.presets import default_split_shortcut
+from quest_export.recipe.methods import get_method
 
 
 class QuantMode(enum.Enum):
@@ -116,8 +116,13 @@ def _attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
 
 
-def plan_quantization(unet: nn.Module, recipe: QuantRecipe, *, groups: int) -> QuantPlan:
-    """Decide bits, grids, splits and sharing for every Conv2d/Linear and attention module."""
+def plan_quantization(unet: nn.Module, recipe: QuantRecipe, *, groups: int,
+                      pts_layers: tuple[str, ...] = ()) -> QuantPlan:  # fmt: skip
+    """Decide bits, grids, splits and sharing for every Conv2d/Linear and attention module.
+
+    Args:
+        pts_layers: globs of the layers whose inputs get PTS factors (methods that declare ``pts``).
+    """
     types = quantizable_types()
     names = [n for n, m in unet.named_modules() if type(m) in types]
     for ov in recipe.overrides:
@@ -127,8 +132,9 @@ def plan_quantization(unet: nn.Module, recipe: QuantRecipe, *, groups: int) -> Q
             close = difflib.get_close_matches(ov.pattern, names, n=3)
             raise RecipeError(f"override '{ov.pattern}' matched no quantizable layer; closest names: "
                               f"{', '.join(close) or 'none'}. Fix quant.overrides or run `quest-export info`")  # fmt: skip
-    splits = shortcut_splits(unet) if (default_split_shortcut(recipe.method) if recipe.split_shortcut is None
-                                        else recipe.split_shortcut) else {}  # fmt: skip
+    method = get_method(recipe.method)
+    split = method.split_shortcut if recipe.split_shortcut is None else recipe.split_shortcut
+    splits = shortcut_splits(unet) if split else {}
     attns = _attention_modules(unet)
     per_channel_a = recipe.a_granularity == "per-channel"
     layers: list[LayerSpec] = []
@@ -164,7 +170,11 @@ def plan_quantization(unet: nn.Module, recipe: QuantRecipe, *, groups: int) -> Q
             name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=tuple(module.weight.shape),
             w_bits=w_bits, a_bits=None if shared else a_bits, w_symmetric=recipe.w_symmetric,
             a_symmetric=recipe.a_symmetric, a_per_channel=per_channel_a, split_at=splits.get(name),
-            shared_input=shared, role=role, o_bits=a_bits if (recipe.output_quant and w_bits) else None))  # fmt: skip
+            shared_input=shared, role=role, o_bits=a_bits if (recipe.output_quant and w_bits) else None,
+            # LES needs the layer's own input quantizer and a quantized weight to fold gamma into (quest.md 7.6)
+            les=bool(method.les and w_bits and a_bits and not shared),
+            pts=bool(method.pts and a_bits and not shared and not per_channel_a
+                     and any(fnmatch.fnmatchcase(name, p) for p in pts_layers))))  # fmt: skip
     attention = []
     for name, attn in attns.items():
         self_attn = not attn.is_cross_attention
@@ -251,7 +261,12 @@ class QuantizedUNet:
 
 
 def quantize_(
-    unet: nn.Module, recipe: QuantRecipe, *, group_timesteps: list[int], plan: QuantPlan | None = None
+    unet: nn.Module,
+    recipe: QuantRecipe,
+    *,
+    group_timesteps: list[int],
+    plan: QuantPlan | None = None,
+    pts_layers: tuple[str, ...] = (),
 ) -> QuantizedUNet:
     """Quantize ``unet`` in place per ``recipe`` (or a stored ``plan``) and return its handle.
 
@@ -262,7 +277,7 @@ def quantize_(
         QuantizedUNet with every quantizer at scale 1 (calibration sets them) in FULL mode.
     """
     groups = len(group_timesteps)
-    plan = plan or plan_quantization(unet, recipe, groups=groups)
+    plan = plan or plan_quantization(unet, recipe, groups=groups, pts_layers=pts_layers)
     if plan.groups != groups:
         raise RecipeError(f"the plan has {plan.groups} timestep groups but {groups} group timesteps were given")
     ctx = GroupContext(group_timesteps)

@@ -56,6 +56,8 @@ class LayerSpec:
     shared_input: str | None = None  # name of the attention-level quantizer that feeds this layer
     role: str = "other"  # temporal | time-embedding | attention | ff | first | last | shortcut | other
     o_bits: int | None = None  # output quantizer (ORT's fused in/out W8A8 form, deploy.md E-22)
+    les: bool = False  # DMQ LES: the input is divided by a per-input-channel les_scale (folded into the weight)
+    pts: bool = False  # DMQ PTS: per-channel power-of-two factors on the per-tensor input scale(s)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,9 +84,16 @@ class QuantModule(nn.Module):
 
         def aq(channels):
             return ActQuantizer(bits=spec.a_bits, groups=groups, symmetric=spec.a_symmetric, ctx=ctx, axis=in_axis,
-                                channels=channels if spec.a_per_channel else None)  # fmt: skip
+                                channels=channels if spec.a_per_channel else None,
+                                pts_channels=channels if spec.pts else None)  # fmt: skip
 
         c_in = w_shape[1]
+        # LES (quest.md 7.6): x / gamma feeds the input quantizer, the weight holds W * gamma (1 until LES runs)
+        if spec.les:
+            self.register_buffer("les_scale", torch.ones(c_in))  # gamma: (C_in,)
+        else:
+            self.les_scale = None
+        self.les_gamma = None  # the trainable gamma while Stage A0 runs (ptq/les.py)
         self.output_quantizer = (ActQuantizer(bits=spec.o_bits, groups=groups, symmetric=spec.a_symmetric, ctx=ctx)
                                  if spec.o_bits else None)  # fmt: skip
         if spec.split_at is not None:
@@ -107,7 +116,16 @@ class QuantModule(nn.Module):
         c = self.spec.split_at
         return torch.cat([self.weight_quantizer(w[:, :c]), self.weight_quantizer_skip(w[:, c:])], dim=1)
 
+    def les_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x / gamma along the input-channel axis (the LES-scaled input); x where the layer has no LES."""
+        if self.les_scale is None:
+            return x
+        shape = [1] * x.dim()
+        shape[1 if self.spec.kind == "conv" else -1] = -1
+        return x / self.les_scale.view(shape)
+
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.les_input(x)
         if self.input_quantizer is None:
             return x
         if self.spec.split_at is None:
@@ -158,6 +176,10 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         hook = getattr(self, "export_hook", None)
         if hook is not None:
             return hook(self, x)
+        if self.les_gamma is not None:  # Stage A0 (ptq/les.py): dynamic quantizers on x / gamma and W * gamma
+            from quest_export.ptq.les import les_forward
+
+            return les_forward(self, x, lambda xq, wq: self._conv_forward(xq, wq, self.bias))
         return self.quantized_output(self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias))
 
 
@@ -174,4 +196,8 @@ class QuantLinear(QuantModule, nn.Linear):
         hook = getattr(self, "export_hook", None)
         if hook is not None:
             return hook(self, x)
+        if self.les_gamma is not None:  # Stage A0 (ptq/les.py)
+            from quest_export.ptq.les import les_forward
+
+            return les_forward(self, x, lambda xq, wq: F.linear(xq, wq, self.bias))
         return self.quantized_output(F.linear(self.quantized_input(x), self.quantized_weight(), self.bias))

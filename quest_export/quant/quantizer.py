@@ -135,7 +135,7 @@ class ActQuantizer(nn.Module):
     SAMPLE_CAP = 1 << 18  # samples (elements or rows) used for percentile / MSE initialisation
 
     def __init__(self, *, bits: int, groups: int, symmetric: bool = True, channels: int | None = None,
-                 axis: int = -1, zero_anchored: bool = False, ctx=None) -> None:  # fmt: skip
+                 axis: int = -1, zero_anchored: bool = False, ctx=None, pts_channels: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.bits, self.symmetric, self.zero_anchored = bits, symmetric, zero_anchored
         self.axis = axis
@@ -146,6 +146,12 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_points", torch.zeros(groups, width))
         self.register_buffer("initialized", torch.zeros(groups, dtype=torch.bool))
         self.per_channel = channels is not None
+        # DMQ PTS (quest.md 7.6): per-channel power-of-two factors f_c on the per-tensor scale, s_c = s * f_c,
+        # the same factors in every group (fixed export constants); 1 until Stage A4 votes
+        if pts_channels is not None and not self.per_channel:
+            self.register_buffer("pts_factors", torch.ones(pts_channels))  # f: (C,)
+        else:
+            self.pts_factors = None
         self.ctx = ctx  # GroupContext of the owning model (plain attribute, not state)
         self.enabled = True
         self.calib: CalibState | None = None  # set while calibrating
@@ -179,8 +185,16 @@ class ActQuantizer(nn.Module):
             return x
         g = self._group()
         s = self._shape(self.scales[g], x)
+        if self.pts_factors is not None:
+            s = s * self.pts_view(x)
         z = None if self.symmetric or self.zero_anchored else self._shape(self.zero_points[g], x)  # else z = 0
         return fake_quant(x, s, z, self.qmin, self.qmax)
+
+    def pts_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The PTS factors broadcast against x along ``axis``."""
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return self.pts_factors.view(shape)
 
     # -- calibration ------------------------------------------------------------------------
     def resize(self, channels: int) -> None:

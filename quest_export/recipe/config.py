@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 from quest_export.errors import RecipeError
+from quest_export.recipe.methods import method_names
 
 RECIPE_VERSION = 1
 
-METHODS = ("ptq", "qdiffusion", "quest", "dmq")
+METHODS = method_names()  # the method registry (recipe/methods.py)
 GRANULARITIES_W = ("per-channel", "per-tensor")
 GRANULARITIES_A = ("per-tensor", "per-channel")
 FIRST_LAST_POLICIES = ("a8", "quantized", "fp", "w8a8")
@@ -98,9 +99,9 @@ class LayerOverride:
 class QuantRecipe:
     """Bits, grids and layer policy of the fake-quant model (quest.md sections 2 and 7)."""
 
-    method: str = "quest"  # ptq | qdiffusion | quest | dmq
+    method: str = "quest"  # ptq | qdiffusion | quest | dmq | dmq+quest (recipe/methods.py)
     w_bits: int = 8  # weight bits (2..8; up to 16 for studies, exported only up to 8)
-    a_bits: int = 8  # activation bits (2..8; up to 16 for studies, exported only up to 8)
+    a_bits: int = 8  # activation bits (2..8, e.g. 6 for DMQ's W4A6; up to 16 for studies, exported only up to 8)
     w_granularity: str = "per-channel"  # per-channel (axis 0) | per-tensor
     a_granularity: str = "per-tensor"  # per-tensor | per-channel (A4 option; ONNX Runtime only)
     w_symmetric: bool = True  # symmetric signed full range, zero point 0 (required by TensorRT)
@@ -159,6 +160,29 @@ class PtqConfig:
         _check_choice(self, "weight_init", WEIGHT_INITS)
         _check_choice(self, "act_init", ACT_INITS)
         _check_range(self, "adaround_iters", 0, 10**6)
+
+
+@dataclass(frozen=True)
+class DmqConfig:
+    """DMQ's Stage A0 (learned equivalent scaling) and Stage A4 (power-of-two scaling); quest.md 7.6."""
+
+    les: bool = True  # Stage A0: a learned per-input-channel scale gamma of every quantized layer
+    les_iters: int = 200  # Adam steps per block (reference: 6,000)
+    les_batch: int = 32  # calibration rows per step (reference: 32; 8 for SD)
+    les_lr: float = 1e-3  # cosine-decayed to 0
+    les_r: float = 20.0  # exponent r of the timestep weights w_g = (1 - L_g / sum_h L_h)^r (Churches: 25)
+    les_momentum: float = 0.95  # EMA momentum of the per-group loss table
+    pts: bool = True  # Stage A4: per-channel power-of-two factors on the pts_layers inputs
+    pts_layers: tuple[str, ...] = ("*conv_shortcut",)  # globs (reference: the skip-connection convs)
+    pts_agreement: float = 0.85  # below this share of samples agreeing with the mode, the factor is 1
+    pts_samples: int = 64  # calibration rows that vote, drawn over all groups
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range(self, "les_iters", 0, 10**7)
+        _check_range(self, "les_batch", 1, 10**5)
+        _check_range(self, "pts_agreement", 0.0, 1.0)
+        _check_range(self, "pts_samples", 1, 10**6)
 
 
 @dataclass(frozen=True)
@@ -270,6 +294,7 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     ptq: PtqConfig = field(default_factory=PtqConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
+    dmq: DmqConfig = field(default_factory=DmqConfig)  # used by the methods with LES/PTS (dmq, dmq+quest)
     export: ExportConfig = field(default_factory=ExportConfig)
     target: TargetProfile = field(default_factory=TargetProfile)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
@@ -311,7 +336,7 @@ class Recipe:
 # -- generic JSON round trip of the dataclass tree -------------------------------------------
 
 _CLASSES = {c.__name__: c for c in (ModelSpec, SamplerConfig, LayerOverride, QuantRecipe, CalibConfig, PtqConfig,
-                                    FinetuneConfig, ExportConfig, TargetProfile, VerifyConfig, Recipe)}  # fmt: skip
+                                    DmqConfig, FinetuneConfig, ExportConfig, TargetProfile, VerifyConfig, Recipe)}  # fmt: skip
 
 
 def to_jsonable(obj: Any) -> Any:

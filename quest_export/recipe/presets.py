@@ -1,6 +1,8 @@
-"""Named presets: precision (w8a8, w4a8, w4a4) and effort (fast, paper).
+"""Named presets: precision (w8a8, w4a8, w4a6, w4a4) and effort (fast, gpu, paper).
 
-A preset is a partial recipe (a nested dict of field values). ``resolve`` merges the
+A preset is a partial recipe (a nested dict of field values). Defaults that depend on the
+method (G, split shortcut, weight init, AdaRound, DMQ's stage lengths) are declared by the
+method itself (recipe/methods.py). ``resolve`` merges the
 layers in a fixed order and builds the dataclasses once, so that one validation pass sees
 the final values. Derive variants with ``dataclasses.replace``, never by copying a file.
 """
@@ -11,11 +13,14 @@ from quest_export.recipe.config import QuantRecipe
 
 W8A8 = QuantRecipe(w_bits=8, a_bits=8)
 W4A8 = QuantRecipe(w_bits=4, a_bits=8)
+W4A6 = QuantRecipe(w_bits=4, a_bits=6)
 W4A4 = QuantRecipe(w_bits=4, a_bits=4, w_symmetric=False, a_symmetric=False)
 
 BITS: dict[str, dict] = {
     "w8a8": {"quant": {"w_bits": 8, "a_bits": 8}},
     "w4a8": {"quant": {"w_bits": 4, "a_bits": 8}},
+    # DMQ's headline setting (quest.md 7.6): 6-bit per-tensor activations, min/max init like A8
+    "w4a6": {"quant": {"w_bits": 4, "a_bits": 6}},
     # 4-bit activations need a searched clipping range: min/max init leaves W4A4 unusable for every method
     # (fmnist-cond, qdiffusion: FD 393 with min/max vs 25.5 with MSE), and zero points: with 16 levels a one-sided
     # activation (after SiLU) loses half its grid to a symmetric range (fmnist-cond QuEST, three seeds: FD 10.6
@@ -70,28 +75,3 @@ EFFORT["gpu"] = {**EFFORT["fast"], "finetune": {**EFFORT["fast"]["finetune"], "p
 
 # Stage B epochs of the paper preset per model family (quest.md 5.2: ImageNet 300, LSUN 200).
 PAPER_B_EPOCHS = {"class-cond": 300, "uncond": 200, "text": 200}
-
-# Timestep groups G of the time-aware methods per effort preset (quest.md 5.4).
-GROUPS = {"fast": 10, "gpu": 10, "paper": 20}
-
-
-def default_groups(method: str, effort: str, steps: int) -> int:
-    """G when the recipe leaves it unset: 1 for ptq/qdiffusion (shared scales), else per preset."""
-    if method in ("ptq", "qdiffusion"):
-        return 1
-    g = GROUPS.get(effort, GROUPS["fast"])
-    if effort == "paper" and steps == 50:
-        g = 25  # quest.md 3.2: 25 groups for a 50-step sampler
-    return min(g, steps)
-
-
-def default_split_shortcut(method: str) -> bool:
-    return method in ("qdiffusion", "quest", "dmq")
-
-
-def default_weight_init(method: str) -> str:
-    return "absmax" if method == "ptq" else "mse"
-
-
-def default_adaround(method: str) -> bool:
-    return method in ("qdiffusion", "quest", "dmq")

@@ -1,7 +1,10 @@
 """Merge recipe layers in a fixed order (later wins) and validate once.
 
-    1. defaults  2. precision preset (--bits)  3. effort preset (--preset)  4. target profile
-    5. the user's recipe file (--recipe)  6. command-line shortcuts and --set key=value
+    1. defaults, then the method's own defaults (recipe/methods.py)  2. precision preset (--bits)
+    3. effort preset (--preset)  4. target profile  5. the user's recipe file (--recipe)
+    6. command-line shortcuts and --set key=value
+
+The method is read from the merged result (any layer may name it); its defaults are layer 1b.
 
 The layers are plain dicts until the end, so one validation pass sees the final values.
 """
@@ -18,6 +21,7 @@ from typing import Any
 from quest_export.errors import RecipeError, TargetError
 from quest_export.recipe import presets
 from quest_export.recipe.config import Recipe, to_jsonable
+from quest_export.recipe.methods import get_method, method_names
 from quest_export.recipe.targets import load_target, trt_version_tuple
 
 
@@ -89,7 +93,18 @@ def merge_layers(
     sets: Iterable[str] = (),
 ) -> dict:
     """Merge layers 1-6 into one plain dict (not validated yet)."""
-    data = Recipe().to_dict()
+    kw = dict(bits=bits, effort=effort, target=target, recipe_file=recipe_file, shortcuts=shortcuts, sets=tuple(sets))
+    data = _merge_layers(**kw, method_layer={})
+    method = data.get("quant", {}).get("method")
+    if method in method_names():  # an unknown name is refused by validation, with the list of methods
+        layer = get_method(method).defaults_layer(effort)
+        if layer:
+            data = _merge_layers(**kw, method_layer=layer)
+    return data
+
+
+def _merge_layers(*, bits, effort, target, recipe_file, shortcuts, sets, method_layer: dict) -> dict:
+    data = deep_merge(Recipe().to_dict(), method_layer)
     if bits is not None:
         data = deep_merge(data, _named(presets.BITS, bits, "--bits"))
     if effort is not None:
@@ -106,6 +121,13 @@ def merge_layers(
     for layer in set_layers:
         data = deep_merge(data, layer)
     return data
+
+
+def fill_method_defaults(data: dict, *, effort: str) -> None:
+    """Fill the fields a merged recipe dict left at None from its method's declaration."""
+    method = data["quant"]["method"]
+    if method in method_names():
+        get_method(method).fill_defaults(data, effort=effort)
 
 
 def _named(table: dict, name: str, flag: str) -> dict:
@@ -151,4 +173,13 @@ def build_recipe(data: dict) -> Recipe:
     return recipe
 
 
-__all__ = ["build_recipe", "check_target", "deep_merge", "load_recipe_file", "merge_layers", "parse_set", "TargetError"]
+__all__ = [
+    "build_recipe",
+    "check_target",
+    "deep_merge",
+    "fill_method_defaults",
+    "load_recipe_file",
+    "merge_layers",
+    "parse_set",
+    "TargetError",
+]

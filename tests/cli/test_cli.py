@@ -139,23 +139,31 @@ def test_debug_shows_the_traceback(model_dirs):
 QUICK = ["--set", "calib.samples_per_group=2", "--set", "sampler.steps=2"]
 
 
-def test_dmq_quantize_says_not_built(model_dirs, tmp_path):
-    result = invoke("--quiet", "quantize", "--model", str(model_dirs["cond"]), "--method", "dmq", *QUICK,
-                    "--set", "ptq.adaround_iters=0")  # fmt: skip
-    assert_user_error(result, "method 'dmq' (LES + PTS) is not built yet")
-    work = tmp_path / "work"
-    assert not list(work.rglob("manifest.json"))  # refused before calibration: nothing written, nothing pretends
+def test_dmq_quantize_and_export(model_dirs, tmp_path):
+    dmq = ["--set", "dmq.les_iters=2", "--set", "dmq.pts_samples=4", "--set", "ptq.adaround_iters=1",
+           "--set", "ptq.act_batch=4"]  # fmt: skip
+    result = invoke("--quiet", "quantize", "--model", str(model_dirs["cond"]), "--method", "dmq", *QUICK, *dmq)
+    assert result.exit_code == 0, result.output
+    runs = list((tmp_path / "work" / "runs" / "quantize").glob("*-dmq-w8a8-*"))
+    assert len(runs) == 1 and (runs[0] / "manifest.json").is_file()
+    result = invoke("--quiet", "export", str(runs[0]), "--out", str(tmp_path / "exp"), "--target", "cpu")
+    assert result.exit_code == 0, result.output  # ONNX Runtime: LES as a Div, PTS as per-channel Q/DQ scales
+    result = invoke("--quiet", "export", str(runs[0]), "--out", str(tmp_path / "trt"), "--target", "jetson")
+    assert_user_error(result, "PTS export for TensorRT targets (method 'dmq') is not built yet")
+    assert not (tmp_path / "trt").exists()
 
 
-def test_dmq_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch):
+def test_dmq_build_for_tensorrt_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch):
     import quest_export.ptq.stage_a as stage_a
 
     def no_stage_a(*args, **kwargs):
-        raise AssertionError("Stage A ran for a method that is not built")
+        raise AssertionError("Stage A ran for a build whose export is not built")
 
     monkeypatch.setattr(stage_a, "run_stage_a", no_stage_a)
-    result = invoke("--quiet", "quantize", "--model", str(model_dirs["cond"]), "--method", "dmq", *QUICK)
-    assert_user_error(result, "not built yet")
+    for method in ("dmq", "dmq+quest"):
+        result = invoke("--quiet", "build", "--model", str(model_dirs["cond"]), "--method", method, "--target",
+                        "jetson", *QUICK)  # fmt: skip
+        assert_user_error(result, f"PTS export for TensorRT targets (method '{method}') is not built yet")
     assert not (tmp_path / "work" / "runs").exists()
 
 

@@ -74,6 +74,11 @@ POW2_COSINE_MIN = 0.99
 H2_RTOL = 1e-5
 
 CELLS = [(k, b, t, m) for k in KINDS for b in BITS for t in TARGETS for m in MODES]
+# W4A6 (DMQ's setting): 6-bit activations carried in INT8 behind a Clip on every target (no native 6-bit type);
+# one ONNX Runtime and one TensorRT target, merged scales, cover the container (the other modes are bit-agnostic)
+A6 = (4, 6)
+A6_CELLS = [(k, A6, t, "merged") for k in KINDS for t in ("cpu", "jetson")]
+CELLS += A6_CELLS
 
 
 def cell_id(cell) -> str:
@@ -266,7 +271,7 @@ def test_scale_input_is_exact_with_power_of_two_ratios(shop, kind, bits, target_
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b[0]}a{b[1]}")
+@pytest.mark.parametrize("bits", (*BITS, A6), ids=lambda b: f"w{b[0]}a{b[1]}")
 # gpu and jetson-thor-jp7 use the same artifact as jetson (attention in float) and H-2 traces at min(opset, 20):
 # their H-2 graphs are jetson's, so three targets cover every case: opset 21 with attention, 20, 17.
 @pytest.mark.parametrize("target_id", ["cpu", "jetson", "jetson-orin-jp51"])
@@ -379,11 +384,15 @@ def check_layer_node(ix: Index, node: onnx.NodeProto, rec: dict, target) -> None
     s_act = check_scale(ix, q)
     assert np.array_equal(s_act, check_scale(ix, adq)) and s_act.size == 1  # E-2: per-tensor, one scale
     zp_type = ix.inits[q.input[2]].data_type
-    if rec["a_bits"] == 4 and target.is_tensorrt:  # E-9b: Clip to [-8 s, 7 s] in front of the INT8 Q
+    in_container = rec["a_bits"] == 6 or (rec["a_bits"] == 4 and target.is_tensorrt)
+    if in_container:  # E-9b: Clip to [q_min s, q_max s] ([-8 s, 7 s] at A4, [-32 s, 31 s] at A6) before the INT8 Q
         clip = ix.producer.get(q.input[0])
-        assert clip is not None and clip.op_type == "Clip", f"{where}: no Clip before the A4 Q"
+        assert clip is not None and clip.op_type == "Clip", f"{where}: no Clip before the A{rec['a_bits']} Q"
         lo, hi = ix.array(clip.input[1]), ix.array(clip.input[2])
-        assert lo == np.float32(-8) * s_act and hi == np.float32(7) * s_act, f"{where}: Clip [{lo}, {hi}], s={s_act}"
+        qmin, qmax = -(2 ** (rec["a_bits"] - 1)), 2 ** (rec["a_bits"] - 1) - 1
+        assert lo == np.float32(qmin) * s_act and hi == np.float32(qmax) * s_act, (
+            f"{where}: Clip [{lo}, {hi}], s={s_act}"
+        )
         assert zp_type == TensorProto.INT8
     elif rec["a_bits"] == 4:  # ONNX Runtime: native INT4 activation Q/DQ
         assert zp_type == TensorProto.INT4, where

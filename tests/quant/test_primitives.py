@@ -23,6 +23,8 @@ from quest_export.quant.primitives import (
 # (name, q_min, q_max, ONNX type); symmetric grids are signed full range, asymmetric ones unsigned
 GRIDS = [("int8", -128, 127, TensorProto.INT8), ("uint8", 0, 255, TensorProto.UINT8),
          ("int4", -8, 7, TensorProto.INT4), ("uint4", 0, 15, TensorProto.UINT4)]  # fmt: skip
+# 6-bit grids (DMQ's W4A6, quest.md 2.2) have no ONNX type: they are carried in INT8 / UINT8 behind a Clip
+GRIDS6 = [("int6", -32, 31, TensorProto.INT8), ("uint6", 0, 63, TensorProto.UINT8)]
 
 
 def np_quantize_linear(x: np.ndarray, s, z, qmin: int, qmax: int) -> np.ndarray:
@@ -49,7 +51,7 @@ def test_qrange():
     assert qrange(16, signed=True) == (-32768, 32767)
 
 
-@pytest.mark.parametrize("name,qmin,qmax,_", GRIDS)
+@pytest.mark.parametrize("name,qmin,qmax,_", GRIDS + GRIDS6)
 @pytest.mark.parametrize("scale", [0.25, 0.1, 3.0e-3])
 def test_quantize_matches_numpy_reference_on_exact_ties(name, qmin, qmax, _, scale):
     zero = 0 if qmin < 0 else (qmax + 1) // 2
@@ -71,11 +73,13 @@ def test_ties_round_half_to_even_and_saturate():
     assert q.tolist() == [0, 2, 2, 4, 0, -2, -2, -4, 126, 127, -128, -128, 127, -128]
     q4 = quantize(torch.tensor([6.5, 7.5, -7.5, -8.5, -9.5, 8.0]) * s, s, 0.0, -8, 7)
     assert q4.tolist() == [6, 7, -8, -8, -8, 7]
+    q6 = quantize(torch.tensor([29.5, 30.5, 31.5, -31.5, -32.5, -33.0, 40.0]) * s, s, 0.0, -32, 31)
+    assert q6.tolist() == [30, 30, 31, -32, -32, -32, 31]
     qu = quantize(torch.tensor([-3.0, 0.5, 1.5, 254.5, 255.5, 300.0]) * s, s, 3.0, 0, 255)  # z = 3, unsigned
     assert qu.tolist() == [0, 3, 5, 255, 255, 255]
 
 
-@pytest.mark.parametrize("name,qmin,qmax,_", GRIDS)
+@pytest.mark.parametrize("name,qmin,qmax,_", GRIDS + GRIDS6)
 def test_random_tensor_per_axis_matches_numpy(name, qmin, qmax, _):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((6, 5, 3, 3)) * 4).astype(np.float32)
@@ -129,6 +133,45 @@ def test_bit_exact_with_onnxruntime(name, qmin, qmax, elem, per_axis):
         assert int((quantize(_t(x), ts, tz, qmin, qmax).numpy() != outs[1].astype(np.float32)).sum()) == 0
 
 
+@pytest.mark.parametrize("name,qmin,qmax,elem", GRIDS6)
+@pytest.mark.parametrize("per_axis", [False, True], ids=["per-tensor", "per-axis"])
+def test_six_bit_in_an_int8_container_is_exact_with_onnxruntime(name, qmin, qmax, elem, per_axis):
+    """Clip(x, (q_min - z) s, (q_max - z) s) -> QuantizeLinear(INT8 / UINT8) -> DequantizeLinear = 6-bit fake quant.
+
+    The clip bounds are grid points, so the 8-bit Q of a clipped value lands on a 6-bit code (deploy.md E-9b).
+    """
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((8, 32, 16, 16)) * 3).astype(np.float32)
+    signed = qmin < 0
+    shape = (8, 1, 1, 1) if per_axis else ()
+    s = (rng.uniform(0.02, 0.2, shape) if per_axis else np.array(0.0625)).astype(np.float32)
+    z = (np.zeros(shape) if signed else rng.integers(0, qmax + 1, shape)).astype(np.float32)
+    k = np.arange(-128, 128, dtype=np.float32) + np.float32(0.5)  # (near-)ties of the 6-bit grid and beyond it
+    x[:, 1] = (k[None, :] * np.broadcast_to(s.reshape(-1), (8,))[:, None]).astype(np.float32).reshape(8, 16, 16)
+    lo, hi = ((np.float32(qmin) - z) * s).astype(np.float32), ((np.float32(qmax) - z) * s).astype(np.float32)
+    axis = {"axis": 0} if per_axis else {}
+    zt = helper.make_tensor("z", elem, [8] if per_axis else [], z.reshape(-1).astype(np.int64).tolist())
+    inits = [numpy_helper.from_array(s.reshape(-1) if per_axis else s, "s"), zt,
+             numpy_helper.from_array(lo if not per_axis else lo.reshape(8, 1, 1, 1), "lo"),
+             numpy_helper.from_array(hi if not per_axis else hi.reshape(8, 1, 1, 1), "hi")]  # fmt: skip
+    # Clip takes scalar bounds only, so a per-channel clip is Max(Min(x, hi), lo) (same values)
+    nodes = [helper.make_node("Min", ["x", "hi"], ["c1"]), helper.make_node("Max", ["c1", "lo"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"], **axis),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **axis)]  # fmt: skip
+    if not per_axis:
+        nodes[:2] = [helper.make_node("Clip", ["x", "lo", "hi"], ["c"])]
+    graph = helper.make_graph(nodes, "qdq6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape)),
+                               helper.make_tensor_value_info("q", elem, list(x.shape))], initializer=inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    y, q = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    ts, tz = (_t(s), _t(z)) if per_axis else (torch.tensor(float(s)), float(z))
+    assert int((fake_quant(_t(x), ts, tz, qmin, qmax).numpy() != y).sum()) == 0
+    assert int((quantize(_t(x), ts, tz, qmin, qmax).numpy() != q.astype(np.float32)).sum()) == 0
+    assert q.min() == qmin and q.max() == qmax  # both 6-bit clamps were exercised, never the 8-bit ones
+
+
 # -- gradients -----------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +222,7 @@ def test_asymmetric_params_range_always_includes_zero():
     hi = lo + torch.rand(200, generator=g) * 5  # some ranges entirely positive, some entirely negative
     lo[:3], hi[:3] = torch.tensor([2.0, -5.0, 0.0]), torch.tensor([5.0, -2.0, 0.0])
     assert (lo > 0).any() and (hi < 0).any()
-    for bits in (8, 4):
+    for bits in (8, 6, 4):
         s, z = asymmetric_params(lo, hi, bits)
         qmax = 2**bits - 1
         assert torch.equal(z, torch.round(z)) and (z >= 0).all() and (z <= qmax).all()

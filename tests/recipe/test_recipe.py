@@ -229,7 +229,7 @@ def test_unknown_key_from_set_reaches_the_user_with_its_path():
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"quant": {"method": "foo"}}, "quant.method='foo' is not allowed; choose one of ptq, qdiffusion, quest, dmq"),
+    ({"quant": {"method": "foo"}}, "quant.method='foo' is not allowed; choose one of ptq, qdiffusion, quest, dmq, dmq+quest"),
     ({"quant": {"w_bits": 1}}, "quant.w_bits=1 is out of range; allowed 2..16"),
     ({"quant": {"a_bits": 17}}, "quant.a_bits=17 is out of range; allowed 2..16"),
     ({"quant": {"overrides": [{"w_bits": 9}]}}, "quant.overrides[0].w_bits=9 is out of range; allowed 2..8"),
@@ -560,3 +560,10 @@ def test_bad_recipe_files(tmp_path):
         resolve_recipe(recipe=str(tmp_path / "bad.json"))
     with pytest.raises(RecipeError, match="must hold a JSON object"):
         resolve_recipe(recipe=str(write_json(tmp_path / "list.json", [1, 2])))
+
+
+def test_w4a6_preset_resolves_for_every_target():
+    """DMQ's headline setting (quest.md 7.6): 6-bit per-tensor activations, exported in an INT8 container."""
+    for target in ("cpu", "jetson", "jetson-orin-jp51", "gpu"):
+        q = resolve_recipe(bits="w4a6", target=target).quant
+        assert (q.w_bits, q.a_bits, q.a_granularity, q.name) == (4, 6, "per-tensor", "w4a6")

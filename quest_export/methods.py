@@ -1,0 +1,98 @@
+"""Stage runners of the registered methods (declarations: quest_export/recipe/methods.py).
+
+    runner = load_runner(get_method(recipe.quant.method))
+    qunet, report = runner.quantize(job)
+
+``StagedRunner`` runs the stages a declaration switches on, in quest.md 1.3's order:
+A0 LES (``les``), A1 build, A2 weights (``adaround``), A3 activations (``accumulate_act``,
+``act_recon``), A4 PTS (``pts``), then Stages B and C (``finetune``). A method whose stages do
+not fit this order names its own runner class in its declaration.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from quest_export.recipe.config import Recipe, to_jsonable
+from quest_export.recipe.methods import Method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeJob:
+    """What a runner needs: the float model, the calibration set, the recipe and where to checkpoint."""
+
+    model: object  # quest_export.models.LoadedModel; its UNet is quantized in place
+    calib: object  # quest_export.calib.collect.CalibrationSet
+    recipe: Recipe
+    device: str
+    work: Path  # scratch folder of this run (Stage A artifact, finetune checkpoints); removed on success
+    resume: bool = False
+    show_progress: bool = True
+
+    @property
+    def model_ref(self) -> dict:
+        return {"name": self.recipe.model.name, "cond": self.recipe.model.cond, "hash": self.model.source_hash}
+
+
+class StagedRunner:
+    """Runs the stages that ``method`` declares (see the module docstring)."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def quantize(self, job: QuantizeJob):
+        """Quantize ``job.model.unet`` in place. Returns (QuantizedUNet, report dict)."""
+        from quest_export.quant.artifact import load_quantized, save_quantized
+
+        rec, m = job.recipe, self.method
+        stage_a_dir = job.work / "stage_a"
+        teacher = copy.deepcopy(job.model.unet) if m.finetune else None  # frozen float teacher, before any change
+        report: dict = {}
+        if job.resume and (stage_a_dir / "manifest.json").is_file():
+            log.info("resuming: stage A from %s", stage_a_dir)
+            art = load_quantized(stage_a_dir, device=job.device, model=job.model)
+            qunet = art.qunet
+            report["stage_a"] = art.meta.get("report", {}).get("stage_a", {})
+        else:
+            from quest_export.ptq.stage_a import run_stage_a
+
+            qunet, rep = run_stage_a(job.model, job.calib, rec.quant, rec.ptq, groups=rec.quant.timestep_groups,
+                                     device=job.device, seed=rec.calib.seed, pooled=rec.calib.group_pooled,
+                                     show_progress=job.show_progress, dmq=rec.dmq)  # fmt: skip
+            report["stage_a"] = {"eps_mse": rep.eps_mse, "adaround": rep.adaround, "units": rep.units,
+                                 "seconds": rep.seconds, **({"les": rep.les} if rep.les else {}),
+                                 **({"pts": rep.pts} if rep.pts else {})}  # fmt: skip
+            if m.finetune:  # the resume point of a finetuning method
+                save_quantized(qunet, stage_a_dir, recipe_fingerprint=rec.fingerprint(), quant=rec.quant,
+                               model_ref=job.model_ref, sampler=to_jsonable(rec.sampler), stage="stage-a",
+                               extra={"report": report})  # fmt: skip
+        if m.finetune and rec.finetune is not None:
+            from quest_export.finetune import finetune_
+            from quest_export.ptq.stage_a import eps_mse_per_group
+
+            fr = finetune_(qunet, teacher, job.calib, rec.finetune, family=rec.model.family, device=job.device,
+                           ckpt_dir=job.work, resume=job.resume, pooled=rec.calib.group_pooled,
+                           show_progress=job.show_progress)  # fmt: skip
+            report["finetune"] = to_jsonable(fr.__dict__)
+            report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, job.calib, device=job.device)
+        return qunet, report
+
+    def config(self, recipe: Recipe) -> dict:
+        """The sub-configs this method read (stored in the artifact's manifest)."""
+        out = {"quant": to_jsonable(recipe.quant), "ptq": to_jsonable(recipe.ptq),
+               "finetune": to_jsonable(recipe.finetune) if self.method.finetune else None}  # fmt: skip
+        if self.method.uses_dmq_config:
+            out["dmq"] = to_jsonable(recipe.dmq)
+        return out
+
+
+def load_runner(method: Method) -> StagedRunner:
+    """Import the runner class a declaration names ("module:Class") and bind it to the declaration."""
+    module, _, cls = method.runner.partition(":")
+    return getattr(importlib.import_module(module), cls)(method)
