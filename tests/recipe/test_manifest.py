@@ -155,10 +155,14 @@ def test_unknown_schema(artifact):
     (artifact / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(ManifestMismatch) as e:
         read_manifest(artifact)
-    assert f"{artifact / MANIFEST_NAME} has manifest schema {MANIFEST_SCHEMA + 1}" in str(e.value)
+    assert str(e.value).startswith(f"{artifact}: manifest schema {MANIFEST_SCHEMA + 1}; this quest-export reads")
     del m["schema"]
     (artifact / MANIFEST_NAME).write_text(json.dumps(m))
-    with pytest.raises(ManifestMismatch, match="has manifest schema None"):
+    with pytest.raises(ManifestMismatch, match="manifest schema missing"):
+        read_manifest(artifact)
+    m["schema"] = True  # a bool is not the integer 1 (the C++ runtime refuses it too)
+    (artifact / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(ManifestMismatch, match="manifest schema true"):
         read_manifest(artifact)
 
 

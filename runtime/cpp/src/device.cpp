@@ -30,15 +30,29 @@ std::vector<std::string> Split(const std::string& s, char sep) {
   }
 }
 
-// Engines load only on the TensorRT they were built with: major.minor.patch, as far as both say.
-bool SameTrtVersion(const std::string& built, const std::string& installed) {
-  const std::vector<std::string> b = Split(built, '.'), i = Split(installed, '.');
-  const size_t n = std::min<size_t>(std::min(b.size(), i.size()), 3);
-  for (size_t k = 0; k < n; ++k) {
-    if (b[k] != i[k]) return false;
+}  // namespace
+
+std::vector<int> VersionParts(const std::string& text) {
+  size_t a = text.find_first_not_of(" \t\n");
+  const std::string s = a == std::string::npos ? "" : text.substr(a);
+  const std::string head = s.substr(0, s.find_first_not_of("0123456789."));
+  std::vector<int> out;
+  for (const std::string& p : Split(head, '.')) {
+    if (p.empty() || p.size() > 9 || p.find_first_not_of("0123456789") != std::string::npos) break;
+    out.push_back(std::atoi(p.c_str()));
   }
-  return true;
+  return out;
 }
+
+bool EngineLoadsOn(const std::string& built, const std::string& installed) {
+  std::vector<int> b = VersionParts(built), i = VersionParts(installed);
+  if (b.size() > 3) b.resize(3);
+  if (i.size() > 3) i.resize(3);
+  if (b.size() < 2 || i.size() < b.size()) return false;
+  return std::equal(b.begin(), b.end(), i.begin());
+}
+
+namespace {
 
 // "8.7", 8.7, [8, 7], "87", "sm_87" -> "8.7"; "" when it is none of these.
 std::string NormalizeComputeCapability(const json::Value* v) {
@@ -133,7 +147,7 @@ Status CheckEngineDevice(const Manifest& m, const DeviceFacts& device, const std
     return ManifestMismatch(m.dir + ": engine manifest lacks trt_version or compute_capability; rebuild the engine: " + cmd);
   }
   const std::string again = "; rebuild it on this device: " + cmd;
-  if (!SameTrtVersion(built_trt, device.trt_version)) {
+  if (!EngineLoadsOn(built_trt, device.trt_version)) {
     return ManifestMismatch(m.dir + ": engine built with TensorRT " + built_trt + ", this device has TensorRT " +
                             device.trt_version + again);
   }

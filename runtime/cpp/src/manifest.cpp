@@ -52,7 +52,7 @@ bool IsRegularFile(const std::string& path) {
 bool IsEngineFile(const std::string& name) {
   for (const char* suffix : kEngineSuffixes) {
     const std::string s(suffix);
-    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
+    if (name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
   }
   return false;
 }
@@ -130,8 +130,8 @@ Status LoadManifest(const std::string& dir, Manifest* out) {
   const json::Value* schema = json::Find(m.root, "schema");
   if (!schema || !json::IsInteger(*schema) || json::AsInt(*schema) != kManifestSchema) {
     std::string got = schema ? json::Dump(*schema) : "missing";
-    return ManifestMismatch(path + " has manifest schema " + got + "; this runtime reads schema " +
-                            std::to_string(kManifestSchema) + ": re-create the artifact or use a matching runtime");
+    return ManifestMismatch(dir + ": manifest schema " + got + "; this quest-export reads schema " +
+                            std::to_string(kManifestSchema) + ": re-create the artifact or use a matching quest-export");
   }
   m.schema = json::AsInt(*schema);
   const json::Value* stage = json::Find(m.root, "stage");

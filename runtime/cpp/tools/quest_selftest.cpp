@@ -10,6 +10,7 @@
 //   quest_selftest safetensors FILE --tensor NAME --out X.npy
 //   quest_selftest sample-fake --bundle DIR --noise X.npy --classes 1,2 [--steps N --eta E --guidance W --z Z.npy --batch B] --out OUT.npy
 //   quest_selftest ort-run --model M.onnx --feeds name=FILE.npy,... --out-dir DIR
+//   quest_selftest engine-loads-on BUILT INSTALLED      prints true or false (device.h EngineLoadsOn)
 //
 // sample-fake runs the real Engine and sampling loop with a deterministic fake model in place of a
 // backend (see FakeBackend), so guidance, group selection and scale-ratio feeds are checked without
@@ -20,6 +21,7 @@
 
 #include "args.h"
 #include "quest/backend.h"
+#include "quest/device.h"
 #include "quest/engine.h"
 #include "quest/json.h"
 #include "quest/manifest.h"
@@ -129,6 +131,12 @@ Status CmdPng(const cli::Args& a) {
     QUEST_RETURN_IF_ERROR(MakeGrid(x, static_cast<int>(nrow), 2, &img));
   }
   return WritePng(a.get("--out"), img);
+}
+
+Status CmdEngineLoadsOn(const cli::Args& a) {
+  if (a.positional.size() != 2) return InvalidInput("engine-loads-on needs BUILT and INSTALLED versions");
+  std::printf("%s\n", EngineLoadsOn(a.positional[0], a.positional[1]) ? "true" : "false");
+  return Status::Ok();
 }
 
 Status CmdSafetensors(const cli::Args& a) {
@@ -292,6 +300,7 @@ int main(int argc, char** argv) {
     else if (cmd == "safetensors") st = CmdSafetensors(a);
     else if (cmd == "sample-fake") st = CmdSampleFake(a);
     else if (cmd == "ort-run") st = CmdOrtRun(a);
+    else if (cmd == "engine-loads-on") st = CmdEngineLoadsOn(a);
     else st = InvalidInput("unknown command '" + cmd + "'");
   }
   if (!st.ok()) {

@@ -26,7 +26,7 @@ _LAZY = {
     "DeviceInfo": "session", "query_device": "session", "require_tensorrt": "session",
     "external_initializers": "session",
     "DDIMScheduler": "schedulers", "DDPMScheduler": "schedulers", "scheduler_from_config": "schedulers",
-    "load_safetensors": "safetensors_np",
+    "load_safetensors": "safetensors_np", "Manifest": "manifest",
     "save_grid": "images", "write_png": "images",
 }  # fmt: skip
 __all__ = sorted(_LAZY)

@@ -139,9 +139,10 @@ def read_manifest(root: str | os.PathLike, *, stage: str | None = None) -> dict:
         raise ArtifactError(f"{path} is not a manifest (a JSON {type(manifest).__name__}, not an object); "
                             "re-run the stage that wrote it")  # fmt: skip
     schema = manifest.get("schema")
-    if schema != MANIFEST_SCHEMA:
-        raise ManifestMismatch(f"{path} has manifest schema {schema!r}; this quest-export reads schema "
-                               f"{MANIFEST_SCHEMA}: re-create the artifact or use a matching quest-export")  # fmt: skip
+    if isinstance(schema, bool) or schema != MANIFEST_SCHEMA:  # the C++ runtime words this refusal the same
+        got = json.dumps(schema) if "schema" in manifest else "missing"
+        raise ManifestMismatch(f"{root}: manifest schema {got}; this quest-export reads schema {MANIFEST_SCHEMA}: "
+                               "re-create the artifact or use a matching quest-export")  # fmt: skip
     if stage is not None and manifest.get("stage") != stage:
         raise ArtifactError(f"{root} holds a '{manifest.get('stage')}' artifact, not '{stage}'")
     return manifest
@@ -189,11 +190,21 @@ def normalize_compute_capability(cc: Any) -> str:
     raise ArtifactError(f"compute_capability {cc!r} is not of the form 'major.minor'")
 
 
+def version_parts(text: Any) -> tuple[int, ...]:
+    """Leading numeric parts of a version: '10.3.0.30-1+cuda12.5' -> (10, 3, 0, 30); '10.03' -> (10, 3); 'R36' -> ()."""
+    out = []
+    for p in re.split(r"[^0-9.]", str(text).strip(), maxsplit=1)[0].split("."):
+        if not p.isdigit():
+            break
+        out.append(int(p))
+    return tuple(out)
+
+
 def same_trt_version(built: str, installed: str) -> bool:
-    """Engines load only on the TensorRT they were built with: compare major.minor.patch (as far as both say)."""
-    b, i = str(built).split("."), str(installed).split(".")
-    n = min(len(b), len(i), 3)
-    return b[:n] == i[:n]
+    """Whether an engine built with TensorRT ``built`` loads on ``installed`` (B-13): major.minor.patch equal as far
+    as ``built`` states them (at least major.minor; a 4th, build, part is not compared), numbers not strings."""
+    b, i = version_parts(built)[:3], version_parts(installed)[:3]
+    return len(b) >= 2 and i[: len(b)] == b
 
 
 def _same_release(a: str, b: str) -> bool:
@@ -203,7 +214,22 @@ def _same_release(a: str, b: str) -> bool:
     return x[:n] == y[:n]
 
 
-def simulated_device():
+@dataclass(frozen=True)
+class SimulatedDevice:
+    """TEST ONLY: the device of $QUEST_EXPORT_TEST_DEVICE (duck-typed like session.DeviceInfo)."""
+
+    trt_version: str
+    compute_capability: str
+    jetpack: str | None  # None: not a Jetson
+
+    @property
+    def l4t(self) -> str | None:
+        return f"simulated (JetPack {self.jetpack})" if self.jetpack else None
+
+    jetson = l4t  # the name session.DeviceInfo uses
+
+
+def simulated_device() -> SimulatedDevice | None:
     """TEST ONLY: the device of $QUEST_EXPORT_TEST_DEVICE, or None when it is unset.
 
     The variable holds JSON ``{"trt_version": "10.3.0", "compute_capability": "8.7", "jetpack": "6.1"}``
@@ -213,14 +239,11 @@ def simulated_device():
     text = os.environ.get(TEST_DEVICE_ENV)
     if not text:
         return None
-    from quest_export_runtime.session import DeviceInfo
-
     try:
         spec = json.loads(text)
         jetpack = spec.get("jetpack")
-        return DeviceInfo(str(spec["trt_version"]), normalize_compute_capability(spec["compute_capability"]),
-                          f"simulated JetPack {jetpack}" if jetpack else None,
-                          jetpack=str(jetpack) if jetpack else None)  # fmt: skip
+        return SimulatedDevice(str(spec["trt_version"]), normalize_compute_capability(spec["compute_capability"]),
+                               str(jetpack) if jetpack else None)  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError, ArtifactError):
         raise ArtifactError(f"${TEST_DEVICE_ENV} (test only) must be a JSON object with trt_version, "
                             "compute_capability and jetpack; unset it on a real device") from None  # fmt: skip
@@ -247,7 +270,8 @@ def engine_device_reason(manifest: dict, device: Any, rebuild: str) -> str | Non
     if built_cc != device_cc:
         return f"engine built for SM {built_cc}, this GPU is SM {device_cc}; {again}"
     target = _target_id(manifest) or ""
-    if target.startswith("jetson") and device.jetson is None:
+    on_jetson = getattr(device, "l4t", None) or getattr(device, "jetson", None)  # L4T release / line, None elsewhere
+    if target.startswith("jetson") and not on_jetson:
         return f"engine built for {target}, but this machine is not a Jetson (no /etc/nv_tegra_release); {again}"
     built_jp, device_jp = manifest.get("jetpack") or build.get("jetpack"), getattr(device, "jetpack", None)
     if built_jp and device_jp and not _same_release(built_jp, device_jp):

@@ -443,7 +443,6 @@ class DeviceInfo:
     trt_version: str  # e.g. "10.3.0.30"
     compute_capability: str  # e.g. "8.7"
     jetson: str | None = None  # the L4T release line, None off a Jetson
-    jetpack: str | None = None  # the JetPack release where known (the simulated test device gives it)
 
 
 def query_device(*, attempted: str = "checking a TensorRT engine against this device") -> DeviceInfo:

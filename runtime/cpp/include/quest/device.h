@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "quest/manifest.h"
 #include "quest/status.h"
@@ -30,6 +31,12 @@ Status QueryDevice(int cuda_device, DeviceFacts* out);
 // Refuses a build-trt manifest made for another TensorRT, GPU or platform: "DIR: reason; rebuild it on this
 // device: <rebuild>". rebuild: the command to name ("" = quest-export build --from <bundle> --target <target>).
 Status CheckEngineDevice(const Manifest& m, const DeviceFacts& device, const std::string& rebuild = "");
+
+// Leading numeric parts of a version: "10.3.0.30-1+cuda12.5" -> {10, 3, 0, 30}; "10.03" -> {10, 3}; "R36" -> {}.
+std::vector<int> VersionParts(const std::string& text);
+// Whether an engine built with TensorRT `built` loads on `installed`: major.minor.patch equal as far as `built`
+// states them (at least major.minor; the build part is not compared). Python: manifest.same_trt_version.
+bool EngineLoadsOn(const std::string& built, const std::string& installed);
 
 // The target id of a manifest (`target` as a string or {"id": ...}), "" if absent.
 std::string ManifestTargetId(const json::Value& root);
