@@ -84,7 +84,7 @@ runtime: system-deps
 
 # regenerate reference files (trtexec command lines per profile); review the diff
 golden: $(STAMP)
-	QUEST_EXPORT_UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/build/test_trt_plan.py -k golden
+	QUEST_EXPORT_UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/deploy/test_trt_plan.py -k golden
 
 clean:
 	rm -rf engines/out build runs .pytest_cache .ruff_cache

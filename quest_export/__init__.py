@@ -1,7 +1,7 @@
 """quest-export: QuEST low-bit diffusion quantization, QDQ ONNX export and verified engines.
 
 This module holds only the version string and lazy re-exports, so that importing a torch-free
-module (``quest_export.recipe``, ``quest_export.build``) stays cheap. The device runtime is the separate
+module (``quest_export.recipe``, ``quest_export.deploy``) stays cheap. The device runtime is the separate
 package ``quest_export_runtime`` (runtime/python/), whose version equals this one.
 """
 

@@ -319,8 +319,8 @@ def _build(r: _Run, paths):
         return out, True, {"kind": json.loads((out / "manifest.json").read_text()).get("stage")}
     target = r.recipe.target
     if target.is_tensorrt:
-        from quest_export.build.bundle import bundle_from_export
-        from quest_export.build.trt import plan_build
+        from quest_export.deploy.bundle import bundle_from_export
+        from quest_export.deploy.plan import plan_build
 
         exp = json.loads((paths["export"] / "manifest.json").read_text())
         int4 = any(layer["storage"] == "int4-block" for layer in exp.get("layers", []))
@@ -328,7 +328,7 @@ def _build(r: _Run, paths):
         bundle_from_export(paths["export"], out=out, target=target, plan=plan)
         detail = {"kind": "bundle", "engine": _maybe_build_engine(r, out)}
     else:
-        from quest_export.build.ort import ort_engine_from_export
+        from quest_export.deploy.ort import ort_engine_from_export
 
         rep = ort_engine_from_export(paths["export"], out=out, target=target)
         detail = {"kind": "ort", "fusion": rep}
@@ -344,13 +344,15 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
     insist = r.backend == "trt"
     if importlib.util.find_spec("tensorrt") is None:
         if insist:
-            from quest_export_runtime.engine_build import require_tensorrt
+            from quest_export_runtime.device import require_tensorrt
 
-            require_tensorrt()  # raises TensorRTUnavailableError with what to do; the bundle is already written
+            # raises TensorRTUnavailableError with what to do; the bundle is already written
+            require_tensorrt(attempted="building the TensorRT engine")
         return "not built: TensorRT is not installed here; run build.sh (or build_engine.py) on the device"
-    from quest_export_runtime.engine_build import engines_from_bundle, query_compute_capability
+    from quest_export_runtime.builder import engines_from_bundle
+    from quest_export_runtime.device import compute_capability
 
-    cc = query_compute_capability()
+    cc = compute_capability()
     if cc not in target.compute_capability:
         if insist:
             from quest_export.errors import TargetError
@@ -551,7 +553,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
 
 def build_from_bundle(bundle: str | Path, *, out: str | Path | None = None, allow_experimental: bool = False) -> int:
     """On the device: build the TensorRT engine(s) of a bundle (``quest-export build --from BUNDLE``)."""
-    from quest_export_runtime.engine_build import main as trt_main
+    from quest_export_runtime.build_cli import main as trt_main
 
     argv = (
         [str(bundle)] + (["--out", str(out)] if out else []) + (["--allow-experimental"] if allow_experimental else [])

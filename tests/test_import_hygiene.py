@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUNTIME_MODULES = sorted(f"quest_export_runtime.{p.stem}" for p in (REPO / "runtime" / "python" / "quest_export_runtime").glob("*.py")
                          if p.stem != "__init__")  # fmt: skip
 TORCH_FREE = ["quest_export_runtime", *RUNTIME_MODULES, "quest_export.recipe", "quest_export.errors",
-              "quest_export.build.trt", "quest_export.build.ort", "quest_export.build.bundle", "quest_export.report",
-              "quest_export.verify", "quest_export.verify.metrics", "quest_export.export.lint", "cli.main"]  # fmt: skip
+              "quest_export.deploy.plan", "quest_export.deploy.trtexec", "quest_export.deploy.ort", "quest_export.deploy.bundle", "quest_export.report",
+              "quest_export.verify", "quest_export.verify.metrics", "quest_export.export.lint", "quest_export.export.lint.cli", "cli.main"]  # fmt: skip
 VERBS = ["info", "calibrate", "quantize", "export", "build", "verify", "sample", "eval", "report", "lint"]
 
 
@@ -34,7 +34,7 @@ def test_imports_with_torch_blocked(module):
 
 
 def test_runtime_modules_are_found():
-    assert {"quest_export_runtime.bundle", "quest_export_runtime.session", "quest_export_runtime.engine_build"} <= set(
+    assert {"quest_export_runtime.bundle", "quest_export_runtime.session", "quest_export_runtime.builder"} <= set(
         RUNTIME_MODULES
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from polygraphy.comparator import RunResults
 from polygraphy.json import load_json
 from quest_export_runtime.manifest import read_manifest, sha256_file
 
+import quest_export
 import quest_export.log as qe_log
 import quest_export.pipeline as pipeline
 from cli.main import main
@@ -120,9 +122,12 @@ def test_jetson_bundle_contents(runs):
     build_sh = bundle / "build.sh"
     assert build_sh.is_file() and os.access(build_sh, os.X_OK) and "trtexec" in build_sh.read_text()
     assert (bundle / "build_engine.py").is_file() and (bundle / "README.md").is_file()
-    runtime = bundle / "quest_export_runtime"  # the torch-free runtime package, and nothing of quest_export
-    assert (runtime / "bundle.py").is_file() and (runtime / "manifest.py").is_file()
-    assert not list(runtime.rglob("*.pt")) and not (bundle / "quest_export").exists()
+    wheel = bundle / "wheels" / f"quest_export_runtime-{quest_export.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as z:  # the runtime travels as a wheel, the torch-free part only
+        names = z.namelist()
+    assert "quest_export_runtime/bundle.py" in names and "quest_export_runtime/manifest.py" in names
+    assert not [n for n in names if n.endswith(".pt") or n.split("/")[0] == "quest_export"]
+    assert not (bundle / "quest_export_runtime").exists()
     # sha256 of every file (verify.json is written beside, after the manifest)
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     files = on_disk - {"manifest.json", "verify.json"}

@@ -6,7 +6,7 @@
 # counts they reached are fixed here so that a rerun repeats the same optimisation.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FASHION_MNIST_DIR=$PWD/.data
+export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime/python PYTHONUNBUFFERED=1 FASHION_MNIST_DIR=$PWD/.data
 nvidia-smi -L
 W=/tmp/zoo; mkdir -p $W
 python3 -m quest_export.zoo.train classifier --out $W/classifier --seed 0 --epochs 15 > $OUT/classifier.log 2>&1 &

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from quest_export_runtime.bundle import Artifact, open_artifact
+from quest_export_runtime.device import DeviceInfo
 from quest_export_runtime.pipeline import Denoiser
-from quest_export_runtime.session import DeviceInfo
 
 from quest_export.errors import InputError
 

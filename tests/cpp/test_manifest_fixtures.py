@@ -21,7 +21,8 @@ import pytest
 from click.testing import CliRunner
 from quest_export_runtime.bundle import open_artifact
 from quest_export_runtime.errors import ArtifactError, ManifestMismatch
-from quest_export_runtime.manifest import TEST_DEVICE_ENV, same_trt_version
+from quest_export_runtime.device import engine_loads_on
+from quest_export_runtime.manifest import TEST_DEVICE_ENV
 
 from cli.main import main as cli_main
 from tests.cpp.cppbuild import REPO, run
@@ -143,23 +144,12 @@ def test_the_cli_entry_point_exits_2(tmp_path):
     assert _one_line(proc.stderr, "error: ") == f"{root}: {CASES['wrong-gpu']['reason']}"
 
 
-ENGINE_LOADS_ON = [  # (built, installed, loads): the TensorRT rule of both runtimes' device check
-    ("10.3.0.30", "10.3.0.30", True),
-    ("10.3.0.30", "10.3.0.31", True),  # the build part is not compared (the C++ runtime sees major.minor.patch)
-    ("10.3.0", "10.3.0.30", True),
-    ("10.3", "10.3.0.30", True),  # an engine recording major.minor is compared on those
-    ("10.3.0.30-1+cuda12.5", "10.3.0", True),  # dpkg's version string
-    ("10.03.0", "10.3.0", True),  # numbers, not strings
-    ("10.3.0.30", "10.3.1.2", False),
-    ("10.3.0.30", "10.4.0.26", False),
-    ("10.3.0.30", "10.3", False),  # the installed version must state every compared part
-    ("10", "10.3.0.30", False),  # at least major.minor
-    ("8.6.2", "10.3.0", False),
-    ("10.1", "10.13.3", False),  # no string-prefix match
-]
+# The TensorRT rule of both runtimes' device check, from the fixture tests/runtime/test_device.py also reads.
+RULES = json.loads((REPO / "tests" / "fixtures" / "device" / "rules.json").read_text())
+ENGINE_LOADS_ON = [(c["built"], c["installed"], c["loads"]) for c in RULES["engine_loads_on"]]
 
 
 @pytest.mark.parametrize("built,installed,loads", ENGINE_LOADS_ON)
 def test_trt_version_rule_is_the_same_in_both_runtimes(build, built, installed, loads):
-    assert same_trt_version(built, installed) is loads
+    assert engine_loads_on(built, installed) is loads
     assert run(build, "quest_selftest", "engine-loads-on", built, installed).stdout.strip() == str(loads).lower()

@@ -4,7 +4,7 @@ Each cell (model kind x bits x target x mode) exports one Stage-A artifact (QuES
 iterations, attention quantized only where the target runs it). The artifacts and exports are built once per
 session by ``Workshop`` and shared by the checks: ONNX Runtime vs the recorded fake-quant references, exact
 weight-only and single-layer graphs (H-2), Q/DQ structure per target, the lint, refusals and the manifest.
-``Workshop`` is also used by tests/build/test_ort_build.py and tests/verify/test_verify.py.
+``Workshop`` is also used by tests/deploy/test_ort_build.py and tests/verify/test_verify.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quest_export.errors import ExportError, InputError
 from quest_export.export import lint
-from quest_export.export.lint import RULES, LintReport, Violation, lint_model, main
+from quest_export.export.lint import RULES, LintReport, Violation, lint_model
+from quest_export.export.lint.cli import main
 from quest_export.recipe import list_targets, load_target
 
 TARGETS = list_targets()
@@ -897,7 +898,7 @@ def test_module_runs_as_script_without_torch(tmp_path):
     model, _ = build_unet("cpu")
     onnx.save(model, tmp_path / "m.onnx")
     code = (
-        "import sys; sys.modules['torch'] = None; from quest_export.export.lint import main; "
+        "import sys; sys.modules['torch'] = None; from quest_export.export.lint.cli import main; "
         f"sys.exit(main([{str(tmp_path / 'm.onnx')!r}, '--target', 'cpu']))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -103,7 +103,7 @@ def test_manifest_round_trip(artifact):
     }
     assert MANIFEST_NAME not in m["files"]
     assert m["np_scalar"] == 1.5 and m["np_array"] == [0, 1, 2]  # numpy values are written as plain JSON
-    assert m["versions"]["quest-export"]
+    assert m["versions"]["quest-export"] and m["versions"]["quest-export-runtime"] == m["versions"]["quest-export"]
     assert read_manifest(artifact, stage="calibrate") == m
     verify_files(artifact)  # passes on an untouched folder
     verify_files(artifact, m)

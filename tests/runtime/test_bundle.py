@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from quest_export_runtime import Denoiser, OnnxRuntimeRunner, RuntimePipeline, TimestepGroups, open_artifact
+from quest_export_runtime.device import DeviceInfo
 from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
 from quest_export_runtime.manifest import write_manifest
-from quest_export_runtime.session import DeviceInfo, TensorRTRunner, external_initializers
+from quest_export_runtime.session import TensorRTRunner, external_initializers
 
 onnx = pytest.importorskip("onnx")
 st = pytest.importorskip("safetensors.numpy")
@@ -279,8 +280,8 @@ def test_engine_folder_without_tensorrt_refused_cleanly(tmp_path):
 @pytest.mark.parametrize(
     "device,match",
     [
-        (DeviceInfo("10.4.0.26", PLAN_CC, "R36 (release)"), "TensorRT 10.3.0.30, this device has TensorRT 10.4.0.26"),
-        (DeviceInfo(PLAN_TRT, "8.6", "R36 (release)"), "SM 8.7, this GPU is SM 8.6"),
+        (DeviceInfo("10.4.0.26", PLAN_CC, "36.4.3"), "TensorRT 10.3.0.30, this device has TensorRT 10.4.0.26"),
+        (DeviceInfo(PLAN_TRT, "8.6", "36.4.3"), "SM 8.7, this GPU is SM 8.6"),
         (DeviceInfo(PLAN_TRT, PLAN_CC, None), "not a Jetson"),
     ],
 )

@@ -17,7 +17,7 @@ from quest_export_runtime.manifest import read_manifest, write_manifest
 
 import quest_export.log as qe_log
 from cli.main import main
-from quest_export.build.bundle import bundle_from_export
+from quest_export.deploy.bundle import bundle_from_export
 from quest_export.errors import ManifestMismatch
 from quest_export.recipe.config import VerifyConfig
 from quest_export.recipe.targets import load_target

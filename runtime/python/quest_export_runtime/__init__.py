@@ -9,7 +9,7 @@ Importing this package is free: every name below loads its module on first use.
         pipe.save_grid(images, "samples.png")
 
 ``quest_export.runtime.torch_unet.EngineUNet`` (a diffusers-compatible UNet stand-in) needs torch and lives in
-the host package. The on-device TensorRT builder is ``python -m quest_export_runtime.engine_build BUNDLE``.
+the host package. The on-device TensorRT builder is ``python -m quest_export_runtime.build_cli BUNDLE``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ _LAZY = {
     "GraphFile": "bundle", "check_engine_device": "bundle",
     "RuntimePipeline": "pipeline", "Denoiser": "pipeline",
     "OnnxRuntimeRunner": "session", "TensorRTRunner": "session", "Runner": "session", "TensorSpec": "session",
-    "DeviceInfo": "session", "query_device": "session", "require_tensorrt": "session",
+    "DeviceInfo": "device", "query_device": "device", "require_tensorrt": "device",
     "external_initializers": "session",
     "DDIMScheduler": "schedulers", "DDPMScheduler": "schedulers", "scheduler_from_config": "schedulers",
-    "load_safetensors": "safetensors_np", "Manifest": "manifest",
+    "load_safetensors": "bundle", "Manifest": "manifest",
     "save_grid": "images", "write_png": "images",
 }  # fmt: skip
 __all__ = sorted(_LAZY)

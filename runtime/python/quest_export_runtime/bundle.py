@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
+from quest_export_runtime.device import DeviceInfo
 from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch
-from quest_export_runtime.manifest import Manifest, normalize_compute_capability, same_trt_version  # noqa: F401
-from quest_export_runtime.safetensors_np import load_safetensors
-from quest_export_runtime.session import DeviceInfo
+from quest_export_runtime.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,33 @@ def _graphs(root: Path, manifest: dict, backend: str) -> list[GraphFile]:
     if not entries:
         raise ArtifactError(f"{root}: manifest lists no graphs (docs/formats.md 'graphs'); re-run the stage")
     return [GraphFile(_listed(root, manifest, e["file"]), e.get("group")) for e in entries]
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor and the ``__metadata__`` of a ``.safetensors`` file, read by the ``safetensors`` library.
+
+    Returns:
+        (tensors, metadata): ``{name: array}`` (writable numpy arrays) and the metadata dict (empty if absent).
+
+    Raises:
+        ArtifactError: a missing file, or one the library refuses (truncated, malformed header, data offsets that
+            do not fit), or a dtype numpy cannot hold (BF16), naming the file and the tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such safetensors file; re-copy the artifact folder")
+    name = None
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {}
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except (SafetensorError, TypeError, ValueError) as e:
+        where = f" at tensor '{name}'" if name is not None else ""
+        raise ArtifactError(f"{path} is not a valid safetensors file{where} ({e}); re-copy it or re-run the stage "
+                            "that wrote it") from None  # fmt: skip
+    return tensors, metadata
 
 
 def _conditioning(root: Path, manifest: dict) -> Conditioning | None:

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -21,11 +20,28 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from quest_export_runtime.device import (
+    JETPACK_L4T,
+    DeviceInfo,
+    engine_loads_on,
+    normalize_compute_capability,
+    query_device,
+    same_jetpack,
+)
 from quest_export_runtime.errors import ArtifactError, ManifestMismatch
 
 MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
-VERSIONED_PACKAGES = ("quest-export", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt", "numpy")
+VERSIONED_PACKAGES = (
+    "quest-export",
+    "quest-export-runtime",
+    "torch",
+    "diffusers",
+    "onnx",
+    "onnxruntime",
+    "tensorrt",
+    "numpy",
+)
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
@@ -139,10 +155,9 @@ def read_manifest(root: str | os.PathLike, *, stage: str | None = None) -> dict:
         raise ArtifactError(f"{path} is not a manifest (a JSON {type(manifest).__name__}, not an object); "
                             "re-run the stage that wrote it")  # fmt: skip
     schema = manifest.get("schema")
-    if isinstance(schema, bool) or schema != MANIFEST_SCHEMA:  # the C++ runtime words this refusal the same
-        got = json.dumps(schema) if "schema" in manifest else "missing"
-        raise ManifestMismatch(f"{root}: manifest schema {got}; this quest-export reads schema {MANIFEST_SCHEMA}: "
-                               "re-create the artifact or use a matching quest-export")  # fmt: skip
+    if schema != MANIFEST_SCHEMA:
+        raise ManifestMismatch(f"{path} has manifest schema {schema!r}; this quest-export reads schema "
+                               f"{MANIFEST_SCHEMA}: re-create the artifact or use a matching quest-export")  # fmt: skip
     if stage is not None and manifest.get("stage") != stage:
         raise ArtifactError(f"{root} holds a '{manifest.get('stage')}' artifact, not '{stage}'")
     return manifest
@@ -178,58 +193,7 @@ def unsafe_path_reason(rel: str) -> str | None:
     return None
 
 
-def normalize_compute_capability(cc: Any) -> str:
-    """'8.7' from '8.7', 8.7, [8, 7], '87' or 'sm_87'."""
-    if isinstance(cc, (list, tuple)) and len(cc) == 2:
-        return f"{int(cc[0])}.{int(cc[1])}"
-    s = str(cc).strip().lower().removeprefix("sm_")
-    if re.fullmatch(r"\d+\.\d+", s):
-        return s
-    if re.fullmatch(r"\d{2,3}", s):
-        return f"{s[:-1]}.{s[-1]}"
-    raise ArtifactError(f"compute_capability {cc!r} is not of the form 'major.minor'")
-
-
-def version_parts(text: Any) -> tuple[int, ...]:
-    """Leading numeric parts of a version: '10.3.0.30-1+cuda12.5' -> (10, 3, 0, 30); '10.03' -> (10, 3); 'R36' -> ()."""
-    out = []
-    for p in re.split(r"[^0-9.]", str(text).strip(), maxsplit=1)[0].split("."):
-        if not p.isdigit():
-            break
-        out.append(int(p))
-    return tuple(out)
-
-
-def same_trt_version(built: str, installed: str) -> bool:
-    """Whether an engine built with TensorRT ``built`` loads on ``installed`` (B-13): major.minor.patch equal as far
-    as ``built`` states them (at least major.minor; a 4th, build, part is not compared), numbers not strings."""
-    b, i = version_parts(built)[:3], version_parts(installed)[:3]
-    return len(b) >= 2 and i[: len(b)] == b
-
-
-def _same_release(a: str, b: str) -> bool:
-    """JetPack '6.1.0' vs '6.1': the same when the common leading components agree (major.minor at most)."""
-    x, y = str(a).split("."), str(b).split(".")
-    n = min(len(x), len(y), 2)
-    return x[:n] == y[:n]
-
-
-@dataclass(frozen=True)
-class SimulatedDevice:
-    """TEST ONLY: the device of $QUEST_EXPORT_TEST_DEVICE (duck-typed like session.DeviceInfo)."""
-
-    trt_version: str
-    compute_capability: str
-    jetpack: str | None  # None: not a Jetson
-
-    @property
-    def l4t(self) -> str | None:
-        return f"simulated (JetPack {self.jetpack})" if self.jetpack else None
-
-    jetson = l4t  # the name session.DeviceInfo uses
-
-
-def simulated_device() -> SimulatedDevice | None:
+def simulated_device():
     """TEST ONLY: the device of $QUEST_EXPORT_TEST_DEVICE, or None when it is unset.
 
     The variable holds JSON ``{"trt_version": "10.3.0", "compute_capability": "8.7", "jetpack": "6.1"}``
@@ -242,8 +206,9 @@ def simulated_device() -> SimulatedDevice | None:
     try:
         spec = json.loads(text)
         jetpack = spec.get("jetpack")
-        return SimulatedDevice(str(spec["trt_version"]), normalize_compute_capability(spec["compute_capability"]),
-                               str(jetpack) if jetpack else None)  # fmt: skip
+        l4t = (JETPACK_L4T.get(str(jetpack)) or ("unknown",))[0] if jetpack else None  # the JetPack's first L4T
+        return DeviceInfo(str(spec["trt_version"]), normalize_compute_capability(spec["compute_capability"]), l4t,
+                          jetpack=str(jetpack) if jetpack else None)  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError, ArtifactError):
         raise ArtifactError(f"${TEST_DEVICE_ENV} (test only) must be a JSON object with trt_version, "
                             "compute_capability and jetpack; unset it on a real device") from None  # fmt: skip
@@ -252,8 +217,8 @@ def simulated_device() -> SimulatedDevice | None:
 def engine_device_reason(manifest: dict, device: Any, rebuild: str) -> str | None:
     """Why an engine folder's manifest does not fit ``device`` (TensorRT version, GPU, Jetson, JetPack), or None.
 
-    ``device`` has ``trt_version``, ``compute_capability``, ``jetson`` (None off a Jetson) and ``jetpack``
-    (None when unknown), as quest_export_runtime.session.DeviceInfo. ``rebuild`` is the command to name.
+    ``device`` is a ``quest_export_runtime.device.DeviceInfo``; the rules are that module's. ``rebuild`` is the
+    command to name.
     """
     build = manifest.get("build") or {}
     built_trt = manifest.get("trt_version") or build.get("trt_version")
@@ -261,8 +226,10 @@ def engine_device_reason(manifest: dict, device: Any, rebuild: str) -> str | Non
     if not built_trt or not built_cc:
         return f"engine manifest lacks trt_version or compute_capability; rebuild the engine: {rebuild}"
     again = f"rebuild it on this device: {rebuild}"
-    if not same_trt_version(built_trt, device.trt_version):
+    if not engine_loads_on(built_trt, device.trt_version):
         return f"engine built with TensorRT {built_trt}, this device has TensorRT {device.trt_version}; {again}"
+    if device.compute_capability is None:
+        return f"engine built for SM {built_cc}, but no CUDA GPU was found here (check the driver); {again}"
     built_cc, device_cc = (
         normalize_compute_capability(built_cc),
         normalize_compute_capability(device.compute_capability),
@@ -270,11 +237,10 @@ def engine_device_reason(manifest: dict, device: Any, rebuild: str) -> str | Non
     if built_cc != device_cc:
         return f"engine built for SM {built_cc}, this GPU is SM {device_cc}; {again}"
     target = _target_id(manifest) or ""
-    on_jetson = getattr(device, "l4t", None) or getattr(device, "jetson", None)  # L4T release / line, None elsewhere
-    if target.startswith("jetson") and not on_jetson:
+    if target.startswith("jetson") and device.l4t is None:
         return f"engine built for {target}, but this machine is not a Jetson (no /etc/nv_tegra_release); {again}"
     built_jp, device_jp = manifest.get("jetpack") or build.get("jetpack"), getattr(device, "jetpack", None)
-    if built_jp and device_jp and not _same_release(built_jp, device_jp):
+    if built_jp and device_jp and not same_jetpack(built_jp, device_jp):
         return f"engine built on JetPack {built_jp}, this device runs JetPack {device_jp}; {again}"
     return None
 
@@ -358,8 +324,6 @@ class Manifest:
         if device is None:
             device = simulated_device()
         if device is None:
-            from quest_export_runtime.session import query_device
-
             device = query_device()
         if reason := engine_device_reason(self.data, device, rebuild or self.rebuild_command()):
             raise self._refuse(reason)

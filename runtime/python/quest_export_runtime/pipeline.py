@@ -22,9 +22,10 @@ import numpy as np
 
 from quest_export_runtime import images as _images
 from quest_export_runtime.bundle import Artifact, open_artifact
+from quest_export_runtime.device import DeviceInfo
 from quest_export_runtime.errors import ArtifactError, InputError
 from quest_export_runtime.schedulers import scheduler_from_config
-from quest_export_runtime.session import DeviceInfo, OnnxRuntimeRunner, Runner, TensorRTRunner, external_initializers
+from quest_export_runtime.session import OnnxRuntimeRunner, Runner, TensorRTRunner, external_initializers
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from quest_export_runtime.device import platform_facts, require_tensorrt
 from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch, TensorRTUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
              "tensor(int32)": np.int32, "tensor(uint32)": np.uint32, "tensor(int64)": np.int64,
              "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}  # fmt: skip
-JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
 
 
 @dataclass(frozen=True)
@@ -291,56 +290,6 @@ def external_initializers(onnx_path: str | os.PathLike) -> dict[str, np.ndarray]
 # ---------------------------------------------------------------------------------------------- TensorRT
 
 
-def jetson_release(*, path: Path = JETSON_RELEASE_FILE) -> str | None:
-    """The first line of /etc/nv_tegra_release (e.g. "# R36 (release), REVISION: 4.3, ..."), or None off a Jetson."""
-    try:
-        return path.read_text().splitlines()[0].lstrip("# ").strip() or None
-    except (OSError, IndexError):
-        return None
-
-
-def _platform_facts() -> str:
-    jetson = jetson_release()
-    gpu = (
-        "NVIDIA driver found"
-        if Path("/proc/driver/nvidia/version").exists()
-        else "no NVIDIA driver (/proc/driver/nvidia)"
-    )
-    where = f"Jetson (L4T {jetson})" if jetson else f"not a Jetson ({JETSON_RELEASE_FILE} absent), {gpu}"
-    return f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, {where}"
-
-
-def _how_to_get_tensorrt() -> str:
-    if jetson_release():
-        how = ("install TensorRT with JetPack (sudo apt install nvidia-jetpack, or python3-libnvinfer for the system "
-               "Python) and use the system Python or a venv made with --system-site-packages")  # fmt: skip
-    else:
-        how = ("install it from NVIDIA's package index (pip install tensorrt-cu12, or -cu13 for CUDA 13, "
-               "--extra-index-url https://pypi.nvidia.com) or run in an NGC TensorRT container (nvcr.io/nvidia/tensorrt)")  # fmt: skip
-    return f"{how}; or, off the device, `quest-export build --target T` writes a bundle that builds the engine there"
-
-
-def require_tensorrt(*, attempted: str):
-    """Import tensorrt, or raise TensorRTUnavailableError saying what was attempted, what was found and what to do.
-
-    Args:
-        attempted: what needed TensorRT, e.g. "loading engine unet.plan".
-
-    Returns:
-        The ``tensorrt`` module.
-
-    Raises:
-        TensorRTUnavailableError: ``import tensorrt`` failed (deploy.md B-2).
-    """
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise TensorRTUnavailableError(f"{attempted} needs TensorRT, but `import tensorrt` failed "
-                                       f"({type(e).__name__}: {e}); {_platform_facts()}. "
-                                       f"To proceed: {_how_to_get_tensorrt()}") from None  # fmt: skip
-    return tensorrt
-
-
 class CudaRuntime:
     """The few CUDA runtime calls a TensorRT runner needs, through cuda-python or, failing that, polygraphy.cuda."""
 
@@ -368,7 +317,7 @@ class CudaRuntime:
                 errors.append(f"polygraphy.cuda: {type(e).__name__}: {e}")
                 raise TensorRTUnavailableError(
                     f"TensorRT needs the CUDA runtime from Python, but none loaded ({'; '.join(errors)}); "
-                    f"{_platform_facts()}. To proceed: pip install cuda-python (or polygraphy), with the CUDA "
+                    f"{platform_facts()}. To proceed: pip install cuda-python (or polygraphy), with the CUDA "
                     "runtime of the TensorRT build on the loader path"
                 ) from None
         logger.debug("CUDA runtime through %s", self.backend)
@@ -434,25 +383,6 @@ class CudaRuntime:
 
             kind = pcuda.MemcpyKind.HostToDevice if to_device else pcuda.MemcpyKind.DeviceToHost
             self.rt.memcpy(dst, src, nbytes, kind, stream)
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What an engine must match on this machine (deploy.md B-13, J-5)."""
-
-    trt_version: str  # e.g. "10.3.0.30"
-    compute_capability: str  # e.g. "8.7"
-    jetson: str | None = None  # the L4T release line, None off a Jetson
-
-
-def query_device(*, attempted: str = "checking a TensorRT engine against this device") -> DeviceInfo:
-    """The installed TensorRT version, the compute capability of CUDA device 0, and the L4T release.
-
-    Raises:
-        TensorRTUnavailableError: tensorrt or the CUDA runtime cannot be loaded.
-    """
-    trt = require_tensorrt(attempted=attempted)
-    return DeviceInfo(trt.__version__, CudaRuntime().compute_capability(0), jetson_release())
 
 
 def _trt_np_dtype(trt, dtype: Any) -> np.dtype:
@@ -575,6 +505,5 @@ class TensorRTRunner(Runner):
 
 
 __all__ = [
-    "CudaRuntime", "DeviceInfo", "OnnxRuntimeRunner", "Runner", "TensorRTRunner", "TensorSpec",
-    "external_initializers", "jetson_release", "query_device", "require_tensorrt",
+    "CudaRuntime", "OnnxRuntimeRunner", "Runner", "TensorRTRunner", "TensorSpec", "external_initializers",
 ]  # fmt: skip

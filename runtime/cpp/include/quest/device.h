@@ -35,7 +35,7 @@ Status CheckEngineDevice(const Manifest& m, const DeviceFacts& device, const std
 // Leading numeric parts of a version: "10.3.0.30-1+cuda12.5" -> {10, 3, 0, 30}; "10.03" -> {10, 3}; "R36" -> {}.
 std::vector<int> VersionParts(const std::string& text);
 // Whether an engine built with TensorRT `built` loads on `installed`: major.minor.patch equal as far as `built`
-// states them (at least major.minor; the build part is not compared). Python: manifest.same_trt_version.
+// states them (at least major.minor; the build part is not compared). Python: device.engine_loads_on.
 bool EngineLoadsOn(const std::string& built, const std::string& installed);
 
 // The target id of a manifest (`target` as a string or {"id": ...}), "" if absent.

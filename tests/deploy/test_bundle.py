@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +20,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json, save_json
-from quest_export_runtime.engine_build import BuildPlan
 from quest_export_runtime.manifest import read_manifest, sha256_file, verify_files, write_manifest
+from quest_export_runtime.plan import BuildPlan
 
-from quest_export.build.bundle import bundle_from_export, reference_atol
-from quest_export.build.trt import plan_build, render_trtexec
+from quest_export import __version__
+from quest_export.deploy.bundle import bundle_from_export, reference_atol
+from quest_export.deploy.plan import plan_build
+from quest_export.deploy.trtexec import render_trtexec
 from quest_export.errors import ArtifactError, ManifestMismatch, TargetError
 from quest_export.recipe.config import to_jsonable
 from quest_export.recipe.targets import load_target
@@ -44,7 +49,10 @@ def tiny_unet(seed: int = 0) -> onnx.ModelProto:
     w = numpy_helper.from_array(rng.standard_normal((C, C, 1, 1)).astype(np.float32), "unet.conv.weight")
     k = numpy_helper.from_array(np.array(1e-3, np.float32), "t_scale")
     shape = numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "t_shape")
-    nodes = [
+    axes = numpy_helper.from_array(np.array([3], np.int64), "axes3")
+    nodes = [  # shape operands are Constant nodes: they stay inline with external data, where ORT needs them
+        helper.make_node("Constant", [], ["t_shape"], value=shape, name="/t/shape"),
+        helper.make_node("Constant", [], ["axes3"], value=axes, name="/c/axes"),
         helper.make_node("Conv", ["sample", "unet.conv.weight"], ["conv"], name="/conv/Conv"),
         helper.make_node("Reshape", ["timestep", "t_shape"], ["t4"], name="/t/Reshape"),
         helper.make_node("Mul", ["t4", "t_scale"], ["temb"], name="/t/Mul"),
@@ -53,7 +61,6 @@ def tiny_unet(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Add", ["conv", "temb"], ["a"], name="/add0"),
         helper.make_node("Add", ["a", "c4"], ["noise_pred"], name="/add1"),
     ]
-    axes = numpy_helper.from_array(np.array([3], np.int64), "axes3")
     graph = helper.make_graph(
         nodes,
         "tiny_unet",
@@ -61,7 +68,7 @@ def tiny_unet(seed: int = 0) -> onnx.ModelProto:
          helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["batch"]),
          helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["batch", L, D])],
         [helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, ["batch", C, H, W])],
-        initializer=[w, k, shape, axes],
+        initializer=[w, k],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # E-13: always explicit
@@ -157,13 +164,15 @@ def test_bundle_layout_and_hashes(jp61_bundle):
         assert sha256_file(jp61_bundle / rel) == digest, rel
     for rel in ("model.onnx", "model.onnx.data", "conditioning.safetensors", "reference/inputs.json",
                 "reference/ref_fq.json", "reference/ref_float.json", "reference/feeds.json", "build.sh",
-                "build_engine.py", "README.md", "quest_export_runtime/engine_build.py"):  # fmt: skip
+                "build_engine.py", "README.md", f"wheels/quest_export_runtime-{__version__}-py3-none-any.whl"):  # fmt: skip
         assert rel in files, rel
     assert os.access(jp61_bundle / "build.sh", os.X_OK) and os.access(jp61_bundle / "build_engine.py", os.X_OK)
     verify_files(jp61_bundle)
 
 
-@pytest.mark.parametrize("rel", ["model.onnx.data", "reference/ref_fq.json", "quest_export_runtime/errors.py"])
+@pytest.mark.parametrize(
+    "rel", ["model.onnx.data", "reference/ref_fq.json", f"wheels/quest_export_runtime-{__version__}-py3-none-any.whl"]
+)
 def test_tampering_is_detected(jp61_bundle, rel):
     path = jp61_bundle / rel
     data = bytearray(path.read_bytes())
@@ -190,17 +199,101 @@ def test_manifest_carries_the_export_keys_and_the_build_plan(tmp_path, jp61_bund
     assert BuildPlan.from_dict(build) == plan_build(load_target("jetson-orin-jp61"), IO, precision=export["precision"])
 
 
-def test_bundled_runtime_is_the_torch_free_part_only(jp61_bundle):
-    rt = jp61_bundle / "quest_export_runtime"
-    src = {p.name for p in (ROOT / "runtime" / "python" / "quest_export_runtime").glob("*.py")}
-    assert {p.name for p in rt.iterdir()} == src and "engine_build.py" in src
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; sys.path.insert(0, '.'); "
-            "import quest_export_runtime.engine_build as t, quest_export_runtime.pipeline; "
-            "assert not [m for m in sys.modules if m.split('.')[0] == 'quest_export'], 'host package imported'; "
-            "print(t.__file__)")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=jp61_bundle, capture_output=True, text=True)
+def test_bundle_carries_the_runtime_as_a_wheel_and_no_sources(jp61_bundle):
+    wheel = jp61_bundle / "wheels" / f"quest_export_runtime-{__version__}-py3-none-any.whl"
+    files = {p.relative_to(jp61_bundle).as_posix() for p in jp61_bundle.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith(".py") and f != "build_engine.py"], "runtime sources copied"
+    assert "sys.path" not in (jp61_bundle / "build_engine.py").read_text()
+    src = ROOT / "runtime" / "python" / "quest_export_runtime"
+    info = f"quest_export_runtime-{__version__}.dist-info"
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert names == {f"quest_export_runtime/{p.name}" for p in src.glob("*.py")} | {
+            f"{info}/{n}" for n in ("METADATA", "WHEEL", "top_level.txt", "RECORD")
+        }
+        assert z.read("quest_export_runtime/builder.py") == (src / "builder.py").read_bytes()
+        meta = z.read(f"{info}/METADATA").decode()
+        assert "Name: quest-export-runtime" in meta and f"Version: {__version__}" in meta
+        requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+        assert [r for r in requires if "extra ==" not in r] == ["numpy>=1.24", "safetensors>=0.4"]
+        assert "Tag: py3-none-any" in z.read(f"{info}/WHEEL").decode()
+        record = z.read(f"{info}/RECORD").decode()
+        assert "quest_export_runtime/builder.py,sha256=" in record
+
+
+def _site_packages(python: Path) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout  # fmt: skip
+    return Path(out.strip())
+
+
+def _provided(dest: Path, names: list[str]) -> Path:
+    """A folder of links to these installed distributions and what they require (never quest-export*)."""
+    seen, todo = {}, list(names)
+    while todo:
+        name = re.split(r"[ ;<>=!~\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name not in seen:
+            seen[name] = dist = importlib.metadata.distribution(name)
+            todo += [r for r in dist.requires or [] if "extra ==" not in r]
+    dest.mkdir()
+    for dist in seen.values():
+        site = Path(dist.locate_file(""))
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            if (site / top).exists() and not (dest / top).exists():
+                (dest / top).symlink_to(site / top)
+    return dest
+
+
+def test_runtime_wheel_installs_offline_in_a_fresh_venv_and_samples_with_torch_blocked(tmp_path, jp61_bundle):
+    """The device's route: pip --no-index from the bundle's wheels/, then sample with torch absent."""
+    venv = tmp_path / "device-venv"  # outside the source tree
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = _site_packages(python)
+    # numpy, safetensors and onnxruntime as the device's OS would have them: after the venv's own site-packages
+    (site / "provided.pth").write_text(str(_provided(tmp_path / "provided", ["numpy", "safetensors", "onnxruntime"])))
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--find-links",
+           str(jp61_bundle / "wheels"), "quest-export-runtime"]  # fmt: skip
+    proc = subprocess.run(pip, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code = f"""
+import sys
+sys.modules["torch"] = None
+import numpy as np
+import quest_export_runtime
+from quest_export_runtime import RuntimePipeline
+with RuntimePipeline.from_artifact({str(jp61_bundle)!r}) as pipe:
+    images = pipe(class_labels=["a"], seed=0, steps=2)
+assert images.shape == (1, {C}, {H}, {W}) and np.isfinite(images).all(), images.shape
+try:
+    import quest_export
+except ImportError:
+    host = None
+else:
+    host = quest_export.__file__
+print(quest_export_runtime.__file__, host)
+"""
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert Path(proc.stdout.strip()).resolve() == (rt / "engine_build.py").resolve()
+    where, host = proc.stdout.split()[-2:]
+    assert Path(where).resolve().is_relative_to(site.resolve()), where
+    assert host == "None", f"the host package was importable: {host}"
+
+
+def test_runtime_wheel_needs_the_installed_distribution(tmp_path, monkeypatch):
+    from quest_export.deploy import bundle
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(bundle.metadata, "distribution", missing)
+    with pytest.raises(
+        ArtifactError, match="quest-export-runtime is not installed.*pip install quest-export-runtime=="
+    ):
+        bundle.runtime_wheel(tmp_path / "wheels")
+    assert not list(tmp_path.glob("wheels/*.whl"))
 
 
 # -- build.sh: flags per TensorRT version (deploy.md section 6) ----------------------------------------------
@@ -265,7 +358,7 @@ def test_verify_command_uses_the_h3_mean_bound(jp61_bundle):
 def test_readme_states_versions_commands_and_limits(tmp_path, jp61_bundle):
     text = (jp61_bundle / "README.md").read_text()
     assert "TensorRT 10.3" in text and "JetPack 6.1" in text and "./build.sh" in text and "build_engine.py" in text
-    assert "PYTHONPATH=$PWD`" in text and "W4 stored as INT8" not in text
+    assert "pip install --no-index --find-links wheels quest-export-runtime" in text and "W4 stored as INT8" not in text
     export = make_export(tmp_path / "w4a4", "jetson-orin-jp61", w_bits=4, a_bits=4)
     bundle = bundle_from_export(export, out=tmp_path / "w4a4_bundle", target=load_target("jetson-orin-jp61"))
     text = (bundle / "README.md").read_text()
@@ -285,7 +378,9 @@ def stub_tools(tmp_path: Path, trt_version: str) -> dict:
         'for a in "$@"; do case "$a" in --saveEngine=*) : > "${a#--saveEngine=}" ;;'
         ' --timingCacheFile=*) printf cache > "${a#--timingCacheFile=}" ;; esac; done\n'
     )
-    (bin_dir / "dpkg-query").write_text(f'#!/bin/sh\nprintf "ii  libnvinfer10 {trt_version}\\n"\n')
+    (bin_dir / "dpkg-query").write_text(  # libnvinfer is installed, nvidia-l4t-core is not (not a Jetson)
+        f'#!/bin/sh\ncase "$*" in *libnvinfer*) printf "ii  libnvinfer10 {trt_version}\\n" ;; *) exit 1 ;; esac\n'
+    )
     (bin_dir / "nvidia-smi").write_text('#!/bin/sh\necho "9.0"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
@@ -334,7 +429,7 @@ def test_build_sh_refuses_a_jetson_bundle_off_the_jetson_and_unverified_cells(tm
     export = make_export(tmp_path / "export", "jetson-orin-jp61")
     bundle = bundle_from_export(export, out=tmp_path / "bundle", target=load_target("jetson-orin-jp61"))
     proc = run_build_sh(bundle, env)
-    assert proc.returncode == 2 and "has no /etc/nv_tegra_release" in proc.stderr
+    assert proc.returncode == 2 and "has no L4T release (/etc/nv_tegra_release" in proc.stderr
     export = make_export(tmp_path / "a4", "jetson-orin-jp61", w_bits=4, a_bits=4)
     bundle = bundle_from_export(export, out=tmp_path / "a4_bundle", target=load_target("jetson-orin-jp61"))
     proc = run_build_sh(bundle, env)
@@ -359,8 +454,17 @@ def test_build_engine_py_without_tensorrt_fails_with_one_line_and_exit_2(tmp_pat
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: cannot build a TensorRT engine: `import tensorrt` failed")
+    assert proc.stderr.startswith("error: building a TensorRT engine needs TensorRT, but `import tensorrt` failed")
     assert not list(device.rglob("__pycache__")) and not (device / "engine").exists()
+
+
+def test_build_engine_py_without_the_runtime_says_how_to_install_it(tmp_path, jp61_bundle):
+    device = copy_bundle(jp61_bundle, tmp_path / "on_device")
+    proc = subprocess.run(  # -S: no site-packages, so no quest_export_runtime
+        [sys.executable, "-I", "-S", "build_engine.py"], cwd=device, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "pip install --no-index --find-links wheels quest-export-runtime" in proc.stderr
 
 
 def test_build_engine_py_verifies_the_bundle_first(tmp_path, jp61_bundle):
@@ -382,13 +486,20 @@ def test_build_engine_py_refuses_experimental_cells_unless_allowed(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "module", ["quest_export.build.trt", "quest_export.build.bundle", "quest_export_runtime.engine_build"]
+    "module",
+    [
+        "quest_export.deploy.plan",
+        "quest_export.deploy.trtexec",
+        "quest_export.deploy.bundle",
+        "quest_export_runtime.builder",
+        "quest_export_runtime.build_cli",
+    ],
 )
 def test_imports_without_torch(module):
     code = (f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}; "
             "heavy = [m for m in ('tensorrt', 'onnx', 'numpy', 'polygraphy') if m in sys.modules]; "
             "stages = [m for m in sys.modules if m.startswith('quest_export.') "
-            "and m.split('.')[1] not in ('build', 'recipe', 'errors')]; "
+            "and m.split('.')[1] not in ('deploy', 'recipe', 'errors')]; "
             "assert not heavy and not stages, (heavy, stages)")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{module} pulls heavy or host-only modules on import:\n{proc.stderr}"

@@ -15,20 +15,19 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from quest_export_runtime.engine_build import (
-    AuditReport,
-    engine_from_onnx,
-    engines_from_bundle,
+from quest_export_runtime.audit import AuditReport
+from quest_export_runtime.build_cli import main
+from quest_export_runtime.builder import engine_from_onnx, engines_from_bundle
+from quest_export_runtime.device import (
+    compute_capability,
     l4t_release,
-    main,
-    query_compute_capability,
     require_tensorrt,
-    version_matches,
+    trt_matches_target,
     version_tuple,
 )
 from quest_export_runtime.manifest import read_manifest, sha256_file, write_manifest
 
-from quest_export.build.trt import plan_build
+from quest_export.deploy.plan import plan_build
 from quest_export.errors import ExportError, ManifestMismatch
 from quest_export.recipe.targets import list_targets, load_target
 
@@ -103,15 +102,15 @@ IO = {
 @pytest.fixture(scope="module")
 def local_profile():
     """The target profile of this machine: its Jetson profile, or `gpu` with this host's TensorRT and GPU."""
-    trt = require_tensorrt()
-    cc = query_compute_capability()
+    trt = require_tensorrt(attempted="building a TensorRT engine")
+    cc = compute_capability()
     if cc is None:
         pytest.skip("TensorRT is installed but no CUDA GPU is visible")
     if l4t_release():
         matches = [
             t
             for t in list_targets()
-            if load_target(t).jetpack and version_matches(trt.__version__, load_target(t).trt_version)
+            if load_target(t).jetpack and trt_matches_target(trt.__version__, load_target(t).trt_version)
         ]
         if not matches:
             pytest.skip(f"no Jetson profile for TensorRT {trt.__version__}")
@@ -145,14 +144,14 @@ def run_ort(onnx_file: Path, feeds: list[dict]) -> list[np.ndarray]:
 
 
 def test_engine_matches_onnxruntime_and_writes_its_manifest(tmp_path, local_profile):
-    trt = require_tensorrt()
+    trt = require_tensorrt(attempted="building a TensorRT engine")
     src = qdq_unet(tmp_path / "export" / "model.onnx")
     write_manifest(src.parent, stage="export", recipe_fingerprint="ab" * 32, extra={"io": IO})
     plan = plan_build(local_profile, IO, batch_max=2)
     out = engine_from_onnx(src, plan, out_dir=tmp_path / "engine", progress=False)
 
     manifest = read_manifest(out, stage="build-trt")
-    assert manifest["trt_version"] == trt.__version__ and manifest["compute_capability"] == query_compute_capability()
+    assert manifest["trt_version"] == trt.__version__ and manifest["compute_capability"] == compute_capability()
     assert manifest["recipe_fingerprint"] == "ab" * 32 and manifest["io"] == IO
     assert manifest["profiles"] == plan.profiles and manifest["engines"][0]["file"] == "unet.plan"
     layers = json.loads((out / "layers.json").read_text())
@@ -176,7 +175,7 @@ def test_timing_cache_is_saved_with_its_key_and_reused(tmp_path, local_profile):
     caches = list(tmp_path.glob("timing_trt*.cache"))
     assert len(caches) == 1 and caches[0].stat().st_size > 0
     key = json.loads(caches[0].with_name(caches[0].name + ".json").read_text())
-    assert key["trt_version"] == plan.trt_version and key["compute_capability"] == query_compute_capability()
+    assert key["trt_version"] == plan.trt_version and key["compute_capability"] == compute_capability()
     engine_from_onnx(src, plan, out_dir=tmp_path / "e2", progress=False)  # loads the cache it wrote
     assert read_manifest(tmp_path / "e2")["timing_cache"] == caches[0].name
     caches[0].with_name(caches[0].name + ".json").write_text(json.dumps({**key, "cuda": "0.0"}))
@@ -203,7 +202,7 @@ def test_bundle_builds_on_this_device(tmp_path, local_profile, capsys):
     spec = importlib.util.spec_from_file_location("bundle_tests", Path(__file__).with_name("test_bundle.py"))
     bundle_tests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bundle_tests)
-    from quest_export.build.bundle import bundle_from_export
+    from quest_export.deploy.bundle import bundle_from_export
 
     export = bundle_tests.make_export(tmp_path / "export", local_profile.id)
     bundle = bundle_from_export(export, out=tmp_path / "bundle", target=local_profile)

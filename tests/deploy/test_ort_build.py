@@ -13,7 +13,7 @@ from onnx import TensorProto
 from quest_export_runtime.manifest import read_manifest, sha256_file
 from quest_export_runtime.session import OnnxRuntimeRunner
 
-from quest_export.build.ort import ort_engine_from_export
+from quest_export.deploy.ort import ort_engine_from_export
 from quest_export.errors import TargetError
 from quest_export.recipe.targets import load_target
 from tests.export.test_export import cosine, reference, workshop_for

@@ -1,31 +1,24 @@
-"""TensorRT build plans and trtexec command lines (the host side of a TensorRT build).
+"""TensorRT build plans (the host side of a TensorRT build, deploy.md section 6).
 
-``plan_build`` holds every decision of deploy.md section 6 for one (target, exported graph): typing and
-precision flags per TensorRT version (B-7), optimization profiles over the batch (B-9), timing-cache key
-(B-10), workspace, optimization level and aux streams (B-11), and the experimental cells of section 11.
-``render_trtexec`` turns a plan into the ``trtexec`` call of a bundle's build.sh. The builder, the timing
-cache, the device checks and the layer audit run on the device: ``quest_export_runtime.engine_build``.
+``plan_build`` holds every decision of section 6 for one (target, exported graph): typing and precision flags
+per TensorRT version (B-7), optimization profiles over the batch (B-9), timing-cache key (B-10), workspace,
+optimization level and aux streams (B-11), and the experimental cells of section 11. ``trtexec`` renders a
+plan as a command line; the builder, the timing cache, the device checks and the layer audit run on the
+device (``quest_export_runtime``: ``builder``, ``timing_cache``, ``audit``).
 Imports: the standard library, ``quest_export.recipe`` and ``quest_export_runtime``; never tensorrt.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-from pathlib import Path
-from typing import Any
-
-from quest_export_runtime.engine_build import BuildPlan, timing_cache_name
 from quest_export_runtime.errors import ArtifactError, InputError, TargetError
+from quest_export_runtime.plan import BuildPlan
+from quest_export_runtime.timing_cache import timing_cache_name
 
 from quest_export.recipe.config import TargetProfile
 from quest_export.recipe.targets import trt_version_tuple
 
 BATCH_OPT = 2  # classifier-free guidance doubles one image into a UNet batch of 2 (B-9)
 OPT_LEVELS = range(0, 6)  # --builderOptimizationLevel 0..5 (B-11)
-
-
-# -- the plan ----------------------------------------------------------------------------------
 
 
 def plan_build(
@@ -66,7 +59,7 @@ def plan_build(
     """
     if not profile.is_tensorrt:
         raise TargetError(f"target '{profile.id}' runs {profile.runtime}, not TensorRT; build it with "
-                          "quest_export.build.ort or choose a TensorRT target")  # fmt: skip
+                          "quest_export.deploy.ort or choose a TensorRT target")  # fmt: skip
     v = trt_version_tuple(profile)
     if v < (8, 5) or v[0] == 9 or v[0] > 11:
         raise TargetError(f"target '{profile.id}' names TensorRT {profile.trt_version}; quest-export builds with "
@@ -186,57 +179,3 @@ def _profiles(onnx_io: dict, *, unet_batch_max: int) -> dict[str, dict[str, list
         rest = shape[1:]
         out[name] = {"min": [1, *rest], "opt": [min(BATCH_OPT, unet_batch_max), *rest], "max": [unet_batch_max, *rest]}
     return out
-
-
-# -- trtexec -----------------------------------------------------------------------------------
-
-
-def render_trtexec(
-    plan: BuildPlan,
-    onnx_file: str | os.PathLike,
-    engine_file: str | os.PathLike,
-    *,
-    timing_cache: str | os.PathLike | None = None,
-    trtexec: str = "trtexec",
-) -> list[str]:
-    """The ``trtexec`` argument list that builds ``plan`` (B-9..B-12, J-4).
-
-    Args:
-        plan: from ``plan_build``.
-        onnx_file: graph to build.
-        engine_file: plan file to write; the layer info and profile JSONs go beside it (``engine_files``).
-        timing_cache: cache file; None = ``plan.timing_cache`` in the working directory.
-        trtexec: the executable (first element).
-
-    Returns:
-        Arguments, executable first; ``render_trtexec_shell`` gives the quoted command line.
-    """
-    v = plan.version
-    engine = Path(engine_file)
-    sfx = engine.stem[len("unet") :] if engine.stem.startswith("unet") else f"_{engine.stem}"
-    args = [trtexec, f"--onnx={Path(onnx_file).as_posix()}", f"--saveEngine={engine.as_posix()}"]
-    for flag, key in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
-        if plan.profiles:
-            spec = ",".join(f"{n}:{'x'.join(map(str, s[key]))}" for n, s in plan.profiles.items())
-            args.append(f"{flag}={spec}")
-    args += plan.flags
-    # --workspace is deprecated (B-11). The M suffix parses from 10.1 on; 8.x and 10.0 read a plain MiB count
-    # (10.0 would multiply "NM" by 2^20 twice).
-    args.append(f"--memPoolSize=workspace:{plan.workspace_mib}{'M' if v >= (10, 1) else ''}")
-    if plan.builder_opt_level is not None:
-        args.append(f"--builderOptimizationLevel={plan.builder_opt_level}")
-    if plan.max_aux_streams is not None:
-        args.append(f"--maxAuxStreams={plan.max_aux_streams}")
-    cache = Path(plan.timing_cache if timing_cache is None else timing_cache)
-    args.append(f"--timingCacheFile={cache.as_posix()}")
-    args += ["--profilingVerbosity=detailed",
-             f"--exportLayerInfo={(engine.parent / f'layers{sfx}.json').as_posix()}",
-             f"--exportProfile={(engine.parent / f'profile{sfx}.json').as_posix()}"]  # fmt: skip
-    if v < (11,):
-        args.append("--separateProfileRun")  # always on (and deprecated) in 11.x
-    return args
-
-
-def render_trtexec_shell(plan: BuildPlan, onnx_file, engine_file, **kwargs: Any) -> str:
-    """``render_trtexec`` as one shell-quoted command line."""
-    return shlex.join(render_trtexec(plan, onnx_file, engine_file, **kwargs))

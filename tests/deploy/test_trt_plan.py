@@ -11,23 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from quest_export_runtime import engine_build as trt
-from quest_export_runtime.engine_build import (
-    AuditReport,
-    BuildPlan,
-    audit_layers,
-    check_device,
-    engine_files,
-    engine_from_onnx,
-    l4t_release,
-    load_timing_cache,
-    save_timing_cache,
-    timing_cache_key,
-    timing_cache_name,
-    version_matches,
-)
+from quest_export_runtime.audit import AuditReport, audit_layers
+from quest_export_runtime.builder import check_device, engine_from_onnx
+from quest_export_runtime.device import l4t_release, require_tensorrt, trt_matches_target
+from quest_export_runtime.plan import BuildPlan, engine_files
+from quest_export_runtime.timing_cache import load_timing_cache, save_timing_cache, timing_cache_key, timing_cache_name
 
-from quest_export.build.trt import plan_build, render_trtexec, render_trtexec_shell
+from quest_export.deploy.plan import plan_build
+from quest_export.deploy.trtexec import render_trtexec, render_trtexec_shell
 from quest_export.errors import ArtifactError, InputError, ManifestMismatch, TargetError, TensorRTUnavailableError
 from quest_export.recipe.targets import list_targets, load_target
 
@@ -286,12 +277,12 @@ def test_j5_check_device_accepts_the_target_and_refuses_others():
 
 
 def test_version_matching_and_l4t_parsing(tmp_path):
-    assert version_matches("10.3.0.30", "10.3") and version_matches("8.5.2-1+cuda11.4", "8.5.2")
-    assert not version_matches("10.13.3", "10.1") and not version_matches("10.3", "10.3.0.30")
+    assert trt_matches_target("10.3.0.30", "10.3") and trt_matches_target("8.5.2-1+cuda11.4", "8.5.2")
+    assert not trt_matches_target("10.13.3", "10.1") and not trt_matches_target("10.3", "10.3.0.30")
     release = tmp_path / "nv_tegra_release"
     release.write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: x\n")
     assert l4t_release(release) == "36.4.3"
-    assert l4t_release(tmp_path / "absent") is None
+    assert l4t_release(tmp_path / "absent", dpkg=False) is None
 
 
 # -- layer audit (H-5) --------------------------------------------------------------------------------------------
@@ -345,7 +336,7 @@ def test_h5_audit_needs_detailed_layer_info():
 def test_b2_missing_tensorrt_raises_one_actionable_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` now raises ImportError
     with pytest.raises(TensorRTUnavailableError) as e:
-        trt.require_tensorrt()
+        require_tensorrt(attempted="building a TensorRT engine")
     msg = str(e.value)
     assert "\n" not in msg and "`import tensorrt` failed" in msg and "Python " in msg
     assert "quest-export build --target" in msg  # the off-device way out
@@ -365,7 +356,7 @@ def test_experimental_plan_is_refused_before_anything_is_built(monkeypatch, tmp_
 
 
 def test_main_on_a_folder_that_is_no_bundle_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "quest_export_runtime.engine_build", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "quest_export_runtime.build_cli", str(tmp_path)], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

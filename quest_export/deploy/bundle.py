@@ -2,9 +2,11 @@
 
 A Jetson engine is built on the Jetson, so an export for it becomes a bundle: the ONNX graph(s), the
 reference data, ``build.sh`` (the rendered ``trtexec`` calls, no Python needed), ``build_engine.py`` (the
-TensorRT Python API through the bundled torch-free ``quest_export_runtime/``), a README and a manifest
-that hashes every file. Imports: the standard library, numpy, ``quest_export.errors``/``recipe``,
-``quest_export.build.trt`` and ``quest_export_runtime``; ``onnx`` lazily (to find external-data files).
+TensorRT Python API through the torch-free runtime), the runtime itself as a wheel
+(``wheels/quest_export_runtime-<version>-py3-none-any.whl``, installed on the device with pip and no network),
+a README and a manifest that hashes every file. Imports: the standard library, numpy,
+``quest_export.errors``/``recipe``, ``quest_export.deploy.plan``/``trtexec`` and ``quest_export_runtime``; ``onnx`` and
+``wheel`` lazily.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import json
 import os
 import shlex
 import shutil
+from importlib import metadata
 from pathlib import Path
 
-from quest_export_runtime.engine_build import BuildPlan, engine_files
+from quest_export_runtime.device import JETPACK_L4T, L4T_CORE_PACKAGE, shell_functions
 from quest_export_runtime.manifest import (
     MANIFEST_NAME,
     atomic_dir,
@@ -26,14 +29,18 @@ from quest_export_runtime.manifest import (
     verify_files,
     write_manifest,
 )
+from quest_export_runtime.plan import BuildPlan, engine_files
 
 from quest_export import __version__
-from quest_export.build.trt import plan_build, render_trtexec
+from quest_export.deploy.plan import plan_build
+from quest_export.deploy.trtexec import render_trtexec
 from quest_export.errors import ArtifactError, TargetError
 from quest_export.recipe.config import TargetProfile, VerifyConfig
 
 BASE_KEYS = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created")
 ATOL_FLOOR = 1e-5  # polygraphy's default atol: the bound never goes below it
+RUNTIME_DIST = "quest-export-runtime"
+WHEELS = "wheels"  # bundle folder of the runtime wheel (pip --find-links)
 
 
 def bundle_from_export(
@@ -83,7 +90,7 @@ def bundle_from_export(
         verify = _verify_commands(tmp, manifest, refs)
         _write(tmp / "build.sh", render_build_sh(plan, manifest["graphs"], verify), executable=True)
         _write(tmp / "build_engine.py", BUILD_ENGINE_PY, executable=True)
-        _copy_runtime(tmp / "quest_export_runtime")
+        runtime_wheel(tmp / WHEELS)
         _write(tmp / "README.md", render_readme(plan, manifest, verify))
         extra = {k: v for k, v in manifest.items() if k not in BASE_KEYS}
         extra["build"] = plan.to_dict()
@@ -134,14 +141,54 @@ def _external_data(onnx_path: Path) -> set[str]:
     }
 
 
-def _copy_runtime(dest: Path) -> None:
-    """The torch-free runtime package quest_export_runtime (*.py only)."""
-    import quest_export_runtime
+def runtime_wheel_name(version: str = __version__) -> str:
+    """'quest_export_runtime-0.1.0-py3-none-any.whl': the runtime is pure Python."""
+    return f"{RUNTIME_DIST.replace('-', '_')}-{version}-py3-none-any.whl"
 
-    src = Path(quest_export_runtime.__file__).resolve().parent
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.glob("*.py")):
-        shutil.copy2(f, dest / f.name)
+
+def runtime_wheel(out_dir: str | os.PathLike) -> Path:
+    """Write the installed torch-free runtime as ``quest_export_runtime-<version>-py3-none-any.whl`` into ``out_dir``.
+
+    The wheel is assembled from what is installed, not built from source: the package's ``*.py`` files where
+    ``quest_export_runtime`` imports from, and the core metadata (METADATA: name, version, Requires-Dist) of the
+    installed ``quest-export-runtime`` distribution. That works the same for an editable install in the source
+    tree and for quest-export installed from wheels (no runtime/python/ on disk), needs no build backend, no
+    subprocess and no network. ``wheel.wheelfile.WheelFile`` (the wheel project's writer) writes the archive
+    and its RECORD of hashes; ``pip wheel runtime/python`` would need the source tree and a build backend.
+
+    Returns:
+        The wheel's path.
+
+    Raises:
+        ArtifactError: quest-export-runtime is not installed, or the imported package is not that distribution's
+            version (a stale copy on sys.path).
+    """
+    import quest_export_runtime
+    from wheel.wheelfile import WheelFile
+
+    try:
+        dist = metadata.distribution(RUNTIME_DIST)
+    except metadata.PackageNotFoundError:
+        raise ArtifactError(f"{RUNTIME_DIST} is not installed, so no runtime wheel can go into the bundle; install "
+                            f"it (`pip install {RUNTIME_DIST}=={__version__}`, or `make setup` in the source tree)") from None  # fmt: skip
+    version, src = dist.version, Path(quest_export_runtime.__file__).resolve().parent
+    if not version == quest_export_runtime.__version__ == __version__:
+        raise ArtifactError(f"quest_export_runtime imported from {src} is {quest_export_runtime.__version__}, the "
+                            f"installed {RUNTIME_DIST} is {version}, quest-export is {__version__}; install "
+                            f"{RUNTIME_DIST}=={__version__}")  # fmt: skip
+    info = f"{RUNTIME_DIST.replace('-', '_')}-{version}.dist-info"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / runtime_wheel_name(version)
+    with WheelFile(path, "w") as whl:
+        for f in sorted(src.rglob("*.py")):
+            if "__pycache__" not in f.parts:
+                whl.writestr(f"quest_export_runtime/{f.relative_to(src).as_posix()}", f.read_bytes())
+        whl.writestr(f"{info}/METADATA", dist.read_text("METADATA"))
+        whl.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nGenerator: quest-export {__version__} (wheel.wheelfile)\n"
+                                      "Root-Is-Purelib: true\nTag: py3-none-any\n")  # fmt: skip
+        whl.writestr(f"{info}/top_level.txt", "quest_export_runtime\n")
+    return path
 
 
 def _write(path: Path, text: str, *, executable: bool = False) -> None:
@@ -242,6 +289,7 @@ def render_build_sh(plan: BuildPlan, graphs: list[dict], verify: list[str]) -> s
         "@@EXPERIMENTAL@@": q(" ".join(plan.experimental)),
         "@@CACHE@@": q(plan.timing_cache),
         "@@CACHE_KEY@@": q(key),
+        "@@DEVICE_RULES@@": shell_functions(),
         "@@PLATFORM_CHECK@@": _platform_check(plan),
         "@@HINT@@": _targets_hint().replace('"', "'"),
         "@@BUILDS@@": "\n".join(builds),
@@ -254,8 +302,6 @@ def render_build_sh(plan: BuildPlan, graphs: list[dict], verify: list[str]) -> s
 
 
 def _platform_check(plan: BuildPlan) -> str:
-    from quest_export_runtime.engine_build import JETPACK_L4T
-
     if not plan.jetpack:
         ccs = " ".join(plan.compute_capabilities)
         return (f'[ -z "$L4T" ] || die "this is a Jetson (L4T $L4T) but target $TARGET is a discrete GPU; $HINT"\n'
@@ -264,13 +310,12 @@ def _platform_check(plan: BuildPlan) -> str:
                 f'  case "$CC" in "" | {" | ".join(plan.compute_capabilities)}) ;;\n'
                 f'    *) die "this GPU is SM $CC, target $TARGET is for SM {ccs}; $HINT" ;;\n  esac\n'
                 'fi')  # fmt: skip
-    releases = JETPACK_L4T.get(plan.jetpack, ())
-    patterns = " | ".join(f"{r} | {r}.*" for r in releases) or "*"
+    releases = " or ".join(JETPACK_L4T.get(plan.jetpack, ())) or "any"
+    jp = shlex.quote(plan.jetpack)
     return (f'[ -n "$L4T" ] || die "target $TARGET is a Jetson on JetPack {plan.jetpack} but this machine has no '
-            f'/etc/nv_tegra_release; $HINT"\n'
-            f'case "$L4T" in\n  {patterns}) ;;\n'
-            f'  *) die "this Jetson runs L4T $L4T, target $TARGET needs JetPack {plan.jetpack} '
-            f'(L4T {" or ".join(releases)}); $HINT" ;;\nesac')  # fmt: skip
+            f'L4T release (/etc/nv_tegra_release, {L4T_CORE_PACKAGE}); $HINT"\n'
+            f'jetpack_matches_l4t {jp} "$L4T" || die "this Jetson runs L4T $L4T, target $TARGET needs JetPack '
+            f'{plan.jetpack} (L4T {releases}); $HINT"')  # fmt: skip
 
 
 def _targets_hint() -> str:
@@ -324,11 +369,10 @@ else
   die "trtexec not found in /usr/src/tensorrt/bin or on PATH; install TensorRT $EXPECTED_TRT (JetPack: sudo apt install nvidia-jetpack)"
 fi
 
+@@DEVICE_RULES@@
+
 # The platform must be the bundle's target: L4T release (Jetson) and the installed libnvinfer version.
-L4T=""
-if [ -r /etc/nv_tegra_release ]; then
-  L4T=$(sed -n 's/^# R\([0-9]*\) (release), REVISION: \([0-9.]*\).*/\1.\2/p' /etc/nv_tegra_release | head -n1 || true)
-fi
+L4T=$(l4t_release)
 @@PLATFORM_CHECK@@
 
 TRT_FOUND=""
@@ -343,10 +387,8 @@ if [ -z "$TRT_FOUND" ]; then
   fi
 fi
 [ -n "$TRT_FOUND" ] || die "cannot find libnvinfer (dpkg-query, ldconfig); install TensorRT $EXPECTED_TRT"
-case "$TRT_FOUND" in
-  "$EXPECTED_TRT" | "$EXPECTED_TRT".* | "$EXPECTED_TRT"-*) ;;
-  *) die "this device has TensorRT $TRT_FOUND, the bundle is for TensorRT $EXPECTED_TRT (target $TARGET); $HINT" ;;
-esac
+trt_matches_target "$TRT_FOUND" "$EXPECTED_TRT" \
+  || die "this device has TensorRT $TRT_FOUND, the bundle is for TensorRT $EXPECTED_TRT (target $TARGET); $HINT"
 
 # The timing cache is keyed (TensorRT, compute capability, JetPack or CUDA): never load another key's (B-10).
 if [ -e "$CACHE" ] && [ "$(cat "$CACHE.json" 2>/dev/null || true)" != "$CACHE_KEY" ]; then
@@ -376,13 +418,15 @@ Usage: python3 build_engine.py [--out DIR] [--allow-experimental] [--timing-cach
 import sys
 from pathlib import Path
 
-sys.dont_write_bytecode = True  # keep the hashed bundle free of __pycache__
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from quest_export_runtime.engine_build import main  # noqa: E402
 
 if __name__ == "__main__":
+    try:
+        from quest_export_runtime.build_cli import main
+    except ImportError as e:
+        print(f"error: the quest-export runtime is not installed ({e}); install it from this bundle: "
+              "pip install --no-index --find-links wheels quest-export-runtime", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main([str(HERE), *sys.argv[1:]]))
 '''
 
@@ -395,6 +439,7 @@ def render_readme(plan: BuildPlan, manifest: dict, verify: list[str]) -> str:
     prec = manifest.get("precision") or {}
     jetson = f"JetPack {plan.jetpack}, " if plan.jetpack else ""
     graphs = ", ".join(g["file"] for g in manifest["graphs"])
+    wheel = runtime_wheel_name()
     limits = []
     if prec.get("w_bits", 8) < 8:
         limits.append(f"- {prec.get('note') or 'W4 stored as INT8; speed = W8A8'} (TensorRT has no INT4 convolution, "
@@ -424,12 +469,25 @@ compute capability {" or ".join(plan.compute_capabilities)}; typing {plan.typing
 | `reference/` | recorded UNet inputs and the PyTorch fake-quant / float outputs (Polygraphy JSON) |
 | `build.sh` | builds with `trtexec` (no Python needed), after checking L4T and the TensorRT version |
 | `build_engine.py` | builds with the TensorRT Python API; also writes `engine/manifest.json` and the INT8 audit |
-| `quest_export_runtime/` | the torch-free quest-export runtime package (numpy + TensorRT) |
+| `wheels/{wheel}` | the torch-free quest-export runtime (numpy, safetensors; TensorRT or ONNX Runtime) |
 | `manifest.json` | SHA-256 of every file, the export's keys and the build plan (`build`) |
+
+## Install the runtime
+
+The Python runtime (and `build_engine.py`) needs the bundled wheel, installed without network into the
+device's Python 3.10+:
+
+    pip install --no-index --find-links wheels quest-export-runtime
+
+Its dependencies numpy and safetensors must already be installed (JetPack: `sudo apt install python3-numpy`,
+then `pip install safetensors` once) or be given as wheels for the device's Python and architecture with a
+second `--find-links DIR` (made on a machine with network: `pip download numpy safetensors -d DIR
+--only-binary=:all: --platform manylinux2014_aarch64 --python-version 3.10`). `pip install ... 'quest-export-runtime[ort]'`
+adds ONNX Runtime. TensorRT comes with JetPack (`python3-libnvinfer`) or an NGC container, never from pip.
 
 ## Build
 
-    ./build.sh                    # or: python3 build_engine.py
+    ./build.sh                    # or, with the runtime installed: python3 build_engine.py
 {"    ./build.sh --allow-experimental" if plan.experimental else ""}
 Engines go to `engine/` (`unet.plan`, per group `unet_gNN.plan`), with `layers*.json` (layer info) and
 `profile*.json`. The timing cache `{plan.timing_cache}` is kept next to this file and reused by later builds
@@ -444,9 +502,10 @@ the fake-quant model's own mean error against the float model.
 
 ## Run
 
-Put the bundled runtime on the path: `export PYTHONPATH=$PWD`, then
-`import quest_export_runtime` in Python 3.10+ with numpy and TensorRT; it checks `engine/manifest.json`
-(TensorRT version, compute capability, file hashes) before it loads an engine.
+`import quest_export_runtime` (installed above) with TensorRT, or ONNX Runtime on the graph itself; it checks
+`engine/manifest.json` (TensorRT version, compute capability, file hashes) before it loads an engine:
+
+    python3 -c "from quest_export_runtime import RuntimePipeline as P; p = P.from_artifact('engine'); p.save_grid(p(seed=0), 'samples.png')"
 
 ## Known limits
 
