@@ -58,6 +58,7 @@ def export_fp32(model_name: str, out: Path) -> Path:
 
 def latency(graphs: dict[str, Path], feed: dict, *, threads: int, repeats: int) -> dict[str, float]:
     import onnxruntime as ort
+    from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS
 
     sessions = {}
     for name, path in graphs.items():
@@ -66,7 +67,7 @@ def latency(graphs: dict[str, Path], feed: dict, *, threads: int, repeats: int) 
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                              disabled_optimizers=["QDQPropagationTransformer"])  # fmt: skip
+                                              disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS))  # fmt: skip
     times = {n: [] for n in sessions}
     for _ in range(3):  # warm-up
         for s in sessions.values():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS
 
 from tests.cpp.cppbuild import SRC, Build, run  # noqa: F401 - the `build` fixture is in conftest.py
 
@@ -862,7 +863,7 @@ def ort_session(path: Path):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return ort.InferenceSession(
-        str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=["QDQPropagationTransformer"]
+        str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS)
     )
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from quest_export_runtime.bundle import open_artifact
-from quest_export_runtime.errors import ArtifactError, ManifestMismatch
 from quest_export_runtime.device import engine_loads_on
+from quest_export_runtime.errors import ArtifactError, ManifestMismatch
 from quest_export_runtime.manifest import TEST_DEVICE_ENV
 
 from cli.main import main as cli_main
