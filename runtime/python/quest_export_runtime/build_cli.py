@@ -13,6 +13,7 @@ from quest_export_runtime.audit import AuditReport
 from quest_export_runtime.builder import engines_from_bundle
 from quest_export_runtime.errors import QuestExportError
 from quest_export_runtime.manifest import read_manifest
+from quest_export_runtime.outputs import check_output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
+        if args.out:
+            check_output(args.out, "dir")
         out = engines_from_bundle(args.bundle, out_dir=args.out, timing_cache=args.timing_cache,
                                   progress=not args.quiet, allow_experimental=args.allow_experimental)  # fmt: skip
         manifest = read_manifest(out, stage="build-trt")

@@ -28,7 +28,15 @@ from quest_export_runtime.device import (
     query_device,
     same_jetpack,
 )
-from quest_export_runtime.errors import ArtifactError, ManifestMismatch
+from quest_export_runtime.errors import ArtifactError, ManifestMismatch, OutputError
+from quest_export_runtime.outputs import (
+    WRITE_ERRNOS,
+    make_parents,
+    remove_made,
+    temp_sibling,
+    write_error,
+    write_text_atomic,
+)
 
 MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
@@ -67,28 +75,48 @@ def package_versions() -> dict[str, str]:
 def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``out`` only if the block succeeds.
 
-    An interrupted run leaves at most a hidden ``.NAME.tmp-*`` folder, which never loads as
-    an artifact because it has no manifest under ``out``.
+    On any exception (an interrupt included) the temporary ``.NAME.tmp-*`` folder is removed; a killed run
+    (SIGKILL) leaves at most that hidden folder, which never loads as an artifact because it has no manifest
+    under ``out``. A failed write (disk full, read-only, permission; ``outputs.WRITE_ERRNOS`` inside the block)
+    becomes one ``OutputError`` naming ``out``.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    made = make_parents(out)
+    tmp = temp_sibling(out)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        remove_made(made)
+        raise write_error(out, e) from None
     try:
         yield tmp
+        if out.exists():
+            if not replace:
+                raise ArtifactError(f"{out} already exists; remove it or choose another --out")
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OutputError as e:  # a file written inside the folder: name the artifact, not its temporary path
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
+        inner = getattr(e, "os_error", None)
+        if inner is not None and str(getattr(e, "path", "")).startswith(str(tmp)):
+            raise write_error(out, inner) from None
+        raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
+        names = [str(f) for f in (e.filename, e.filename2) if f]
+        if e.errno in WRITE_ERRNOS or any(f == str(out) or f.startswith(str(tmp)) for f in names):
+            raise write_error(out, e) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
         raise
-    if out.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ArtifactError(f"{out} already exists; remove it or choose another --out")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _plain(o: Any) -> Any:
@@ -106,10 +134,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, allow_nan: bool = T
     except ValueError as e:  # a non-finite float where strict JSON is required
         raise ArtifactError(f"{path.name}: {e}; manifests are strict JSON (the C++ runtime reads them with "
                             "nlohmann/json): record non-finite values as null or a string") from None  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def file_hashes(root: Path) -> dict[str, str]:
