@@ -14,9 +14,12 @@ import os
 import pathlib
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 from quest_export_runtime.outputs import lock_path, output_lock
 from safetensors.torch import save_file
 
@@ -224,3 +227,52 @@ def test_a_held_output_lock_refuses_a_second_writer(verb, place):
                                    "ptq.adaround_iters=0", "--out", str(out)], place)  # fmt: skip
     assert code == 0, (lines, result.exception)
     assert (out / "manifest.json").is_file() and not leftovers(place["tmp"]), leftovers(place["tmp"])
+
+
+# -- lint on a graph its target's rules are not about --------------------------------------------------------------
+
+
+def _graph(path: Path, inputs: list, *, quantized: bool) -> Path:
+    """A one-Conv graph: float, or with a weight DequantizeLinear (a quantized op)."""
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.int8 if quantized else np.float32), "w")
+    inits, nodes = [w], []
+    if quantized:
+        inits += [numpy_helper.from_array(np.array([0.1], np.float32), "w_scale"),
+                  numpy_helper.from_array(np.array([0], np.int8), "w_zp")]  # fmt: skip
+        nodes.append(helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zp"], ["w_dq"], name="w_dq", axis=0))
+    nodes.append(helper.make_node("Conv", [inputs[0].name, "w_dq" if quantized else "w"], ["out"], name="conv"))
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, [out], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_lint_does_not_call_a_float_or_foreign_graph_ok(tmp_path):
+    sample = helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    timestep = helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["batch"])
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [64, 1, 8, 8])
+    big = helper.make_tensor_value_info("sample", TensorProto.FLOAT, [64, 1, 8, 8])
+    cases = {
+        "float": (_graph(tmp_path / "float.onnx", [sample, timestep], quantized=False), ["G-1"]),
+        "foreign": (_graph(tmp_path / "foreign.onnx", [image], quantized=True), ["G-2"]),
+        "big-batch": (_graph(tmp_path / "big.onnx", [big, timestep], quantized=True), ["G-2"]),
+        "good": (_graph(tmp_path / "good.onnx", [sample, timestep], quantized=True), []),
+    }
+    for name, (path, rules) in cases.items():
+        result = CliRunner().invoke(main, ["lint", str(path), "--target", "cpu", "--json"])
+        assert result.exit_code == 0, (name, result.output)  # warnings: the graph may still run
+        found = sorted({w["rule"] for w in json.loads(result.stdout)["warnings"] if w["rule"].startswith("G-")})
+        assert found == rules, (name, result.stdout)
+        text = CliRunner().invoke(main, ["lint", str(path), "--target", "cpu"]).stdout.strip().splitlines()
+        if rules:
+            assert text[-1].startswith("NOT CHECKED: no hard rule is broken, but this is not a graph"), text
+            assert not any(ln.startswith("OK") for ln in text), text
+        else:
+            assert text[-1] == "OK: no hard rule of the target is broken", text
+    foreign = CliRunner().invoke(main, ["lint", str(cases["foreign"][0]), "--target", "cpu"]).stdout
+    assert "['image'], not the target's UNet interface: ['sample', 'timestep'] missing" in foreign
+    assert "fixed batch of 64" not in foreign  # 'image' is not an interface input: named, not batch-checked
+    big = CliRunner().invoke(main, ["lint", str(cases["big-batch"][0]), "--target", "cpu"]).stdout
+    assert "fixed batch of 64; target 'cpu' runs at most 8 images per call (16 UNet rows under guidance)" in big
