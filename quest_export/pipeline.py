@@ -300,7 +300,7 @@ def _calibrate(r: _Run, paths):
 def _quantize(r: _Run, paths):
     from quest_export.calib.collect import CalibrationSet
     from quest_export.methods import QuantizeJob, load_runner
-    from quest_export.quant.artifact import save_quantized
+    from quest_export.quant.artifact import save_quantized, split_run
 
     rec = r.recipe
     path = r.outs.get("quantize") or r.dirs.quantize / f"{r.tag}-{r.keys['quantize']}"
@@ -320,9 +320,10 @@ def _quantize(r: _Run, paths):
         qunet, report = runner.quantize(job)
         r._model = None  # its UNet is quantized now
         qunet.unet.to("cpu")
+        kept, run = split_run(report)  # the run fields go to the manifest's "run": a resumed run's quant.json is equal
         save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=job.model_ref,
                        sampler=to_jsonable(rec.sampler), config=runner.config(rec),
-                       extra={"report": report, "calibration": str(paths["calibrate"])})  # fmt: skip
+                       extra={"report": kept, "calibration": str(paths["calibrate"])}, run={"report": run})  # fmt: skip
         _stamp(path, r.keys["quantize"])
     except KeyboardInterrupt:
         if any(p.is_file() for p in work.rglob("*")):

@@ -40,6 +40,9 @@ from quest_export_runtime.outputs import (
 
 MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
+# the keys write_manifest writes for every stage (docs/formats.md); a stage adds its own. Everything that differs
+# between two runs of the same recipe on the same inputs (the time, a stage's timings) is under "run" only.
+BASE_KEYS = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "run")
 VERSIONED_PACKAGES = (
     "quest-export",
     "quest-export-runtime",
@@ -147,8 +150,12 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 
 def write_manifest(root: str | os.PathLike, *, stage: str, recipe_fingerprint: str | None, config: Any = None,
-                   inputs: dict[str, str] | None = None, extra: dict | None = None) -> dict:  # fmt: skip
-    """Write root/manifest.json describing every file already in root."""
+                   inputs: dict[str, str] | None = None, extra: dict | None = None, run: dict | None = None) -> dict:  # fmt: skip
+    """Write root/manifest.json describing every file already in root.
+
+    ``run``: what is particular to this run (timings, the checkpoint resumed from), kept with the UTC time of
+    writing under the one key ``run``, so that two runs of one recipe differ there only.
+    """
     root = Path(root)
     manifest = {
         "schema": MANIFEST_SCHEMA,
@@ -158,7 +165,7 @@ def write_manifest(root: str | os.PathLike, *, stage: str, recipe_fingerprint: s
         "inputs": inputs or {},
         "files": file_hashes(root),
         "versions": package_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(run or {})},
     }
     if extra:
         manifest.update(extra)
