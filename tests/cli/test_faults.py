@@ -75,9 +75,10 @@ def place(tmp_path, monkeypatch, models, cond_files):
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o500)
     (tmp_path / "art").mkdir()  # the least `report` renders: a manifest with a stage
+    (tmp_path / "vdir" / "verify.json").mkdir(parents=True)  # `verify` writes DIR/verify.json
     (tmp_path / "art" / "manifest.json").write_text(json.dumps({"schema": 1, "stage": "export"}))
     yield {"file": tmp_path / "file", "dir": tmp_path / "dir", "ro": tmp_path / "ro", "ok": tmp_path / "new",
-           "art": tmp_path / "art",
+           "art": tmp_path / "art", "vdir": tmp_path / "vdir",
            "model": models["cond"], "uncond": models["uncond"], "tmp": tmp_path,
            **{f"cond:{k}": v for k, v in cond_files.items()}}  # fmt: skip
     (tmp_path / "ro").chmod(0o700)
@@ -132,6 +133,7 @@ CASES = [
     ("build-out-parent-is-file", ["build", "--model", "{model}", *QUICK, "--out", "{file}/b"], 2, "{file} is a file, not a folder"),
     ("build-out-unwritable", ["build", "--model", "{model}", *QUICK, "--out", "{ro}/b"], 2, "cannot write in {ro}"),
     ("build-work-unwritable", ["build", "--model", "{model}", *QUICK, "--work", "{ro}/w"], 2, "cannot write in {ro}"),
+    ("verify-json-is-dir", ["verify", "{vdir}"], 2, "{vdir}/verify.json: is a folder, the output here is a file"),
     ("build-from-out-is-file", ["build", "--from", "{dir}", "--out", "{file}"], 2, "{file}: is a file, the output here is a folder"),
     # -- counts and steps
     ("sample-n-0", ["sample", "--model", "{model}", "--n", "0", "--out", "{ok}.png"], 2, "--n 0: must be at least 1"),
@@ -174,9 +176,22 @@ def test_the_good_conditioning_file_is_accepted(place):
 
 
 def plant_write_failure(monkeypatch, method: str, err: int):
-    """Path.<method> writes half its data, then fails with ``err`` (a full disk, a refused write)."""
-    real = getattr(pathlib.Path, method)
+    """Path.<method> writes half its data, then fails with ``err`` (a full disk, a refused write); method
+    "save_file": safetensors' writer, which raises its own SafetensorError with the OS message in it."""
     calls = []
+    if method == "save_file":
+        import safetensors.torch
+        from safetensors import SafetensorError
+
+        def full(tensors, filename, *args, **kwargs):
+            calls.append(filename)
+            Path(filename).write_bytes(b"\0" * 100)
+            raise SafetensorError(f'Error while serializing: IoError(Os {{ code: {err}, kind: StorageFull, '
+                                  f'message: "{os.strerror(err)}" }})')  # fmt: skip
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+        return calls
+    real = getattr(pathlib.Path, method)
 
     def failing(self, data, *args, **kwargs):
         calls.append(self)
@@ -194,6 +209,8 @@ WRITE_FAULTS = [
      "write_bytes", errno.EACCES, "{ok}.png: could not be written (Permission denied)"),
     ("calibrate-disk-full", ["calibrate", "--model", "{model}", *QUICK, "--out", "{ok}"],
      "write_text", errno.ENOSPC, "{ok}: could not be written (No space left on device)"),
+    ("calibrate-disk-full-safetensors", ["calibrate", "--model", "{model}", *QUICK, "--out", "{ok}"],
+     "save_file", errno.ENOSPC, "{ok}: could not be written (No space left on device)"),
     ("report-disk-full", ["report", "{art}", "--out", "{ok}.md"],
      "write_bytes", errno.ENOSPC, "{ok}.md: could not be written (No space left on device)"),
 ]  # fmt: skip
@@ -213,20 +230,48 @@ def test_failed_write_leaves_nothing(case, argv, method, err, fragment, place, m
 # -- two runs writing the same artifact ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("verb", ["calibrate", "quantize"])
+PTQ = ["--method", "ptq", "--set", "ptq.adaround_iters=0", "--set", "quant.timestep_groups=1"]
+
+
+@pytest.mark.parametrize("verb", ["calibrate", "quantize", "build"])
 def test_a_held_output_lock_refuses_a_second_writer(verb, place):
+    """Another run writing the same artifact (its lock held): refused with one line naming its pid, before any
+    byte of the artifact is written; once released, the same command runs (calibrate: to the end)."""
     out = place["ok"]
+    argv = [verb, "--model", "{model}", *QUICK, *PTQ, *(["--target", "cpu"] if verb == "build" else []),
+            "--out", str(out)]  # fmt: skip
     with output_lock(out) as held:  # as another run would: its own open file, so the CLI's flock conflicts
         assert held == lock_path(out) and held.read_text().strip() == str(os.getpid())
-        code, lines, result = run_cli([verb, "--model", "{model}", *QUICK, "--method", "ptq", "--set",
-                                       "ptq.adaround_iters=0", "--out", str(out)], place)  # fmt: skip
+        code, lines, result = run_cli(argv, place)
         assert_one_line(code, lines, result, 2, f"{out}: another quest-export run (pid {os.getpid()}) is writing it")
         assert not out.exists()
     assert not lock_path(out).exists()  # released: the lock file goes with it
-    code, lines, result = run_cli([verb, "--model", "{model}", *QUICK, "--method", "ptq", "--set",
-                                   "ptq.adaround_iters=0", "--out", str(out)], place)  # fmt: skip
+    if verb != "calibrate":
+        return
+    code, lines, result = run_cli(argv, place)
     assert code == 0, (lines, result.exception)
     assert (out / "manifest.json").is_file() and not leftovers(place["tmp"]), leftovers(place["tmp"])
+
+
+def test_a_lock_held_by_another_process_names_it(place):
+    """Two processes: a second `quest-export calibrate` while a first one holds the artifact's lock."""
+    import subprocess
+    import sys
+
+    out = place["ok"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from quest_export_runtime.outputs import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
+                               str(out)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, lines, result = run_cli(["calibrate", "--model", "{model}", *QUICK, "--out", str(out)], place)
+        assert_one_line(code, lines, result, 2, f"{out}: another quest-export run (pid {holder.pid}) is writing it")
+    finally:
+        holder.terminate()
+        holder.wait()
+        holder.stdout.close()
+    assert not out.exists()
 
 
 # -- lint on a graph its target's rules are not about --------------------------------------------------------------

@@ -28,13 +28,13 @@ from quest_export_runtime.device import (
     query_device,
     same_jetpack,
 )
-from quest_export_runtime.errors import ArtifactError, ManifestMismatch, OutputError
+from quest_export_runtime.errors import ArtifactError, ManifestMismatch
 from quest_export_runtime.outputs import (
-    WRITE_ERRNOS,
     make_parents,
     remove_made,
     temp_sibling,
     write_error,
+    write_failure,
     write_text_atomic,
 )
 
@@ -80,8 +80,8 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path
 
     On any exception (an interrupt included) the temporary ``.NAME.tmp-*`` folder is removed; a killed run
     (SIGKILL) leaves at most that hidden folder, which never loads as an artifact because it has no manifest
-    under ``out``. A failed write (disk full, read-only, permission; ``outputs.WRITE_ERRNOS`` inside the block)
-    becomes one ``OutputError`` naming ``out``.
+    under ``out``. A failed write (disk full, read-only, permission: ``outputs.write_failure``) becomes one
+    ``OutputError`` naming ``out``.
     """
     out = Path(out)
     made = make_parents(out)
@@ -102,23 +102,11 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except OutputError as e:  # a file written inside the folder: name the artifact, not its temporary path
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_made(made)
-        inner = getattr(e, "os_error", None)
-        if inner is not None and str(getattr(e, "path", "")).startswith(str(tmp)):
-            raise write_error(out, inner) from None
-        raise
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_made(made)
-        names = [str(f) for f in (e.filename, e.filename2) if f]
-        if e.errno in WRITE_ERRNOS or any(f == str(out) or f.startswith(str(tmp)) for f in names):
-            raise write_error(out, e) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_made(made)
+        if (failed := write_failure(e, out, tmp)) is not None:
+            raise failed from None
         raise
 
 

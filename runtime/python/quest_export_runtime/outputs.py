@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from quest_export_runtime.errors import OutputError
+from quest_export_runtime.errors import OutputError, QuestExportError
 
 # errors of a write that no read can raise: inside a stage's atomic folder these are reported as the output's fault
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
@@ -60,6 +60,19 @@ def write_error(path: str | os.PathLike, e: OSError) -> OutputError:
     return err
 
 
+def disk_full(e: BaseException, where: str | os.PathLike) -> bool:
+    """Whether ``e``, raised by a writer that does not raise OSError (safetensors, torch.save), is a full disk:
+    its message says so (safetensors does), or the file system under ``where`` has no block left."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if "No space left on device" in str(e):
+        return True
+    try:
+        return os.statvfs(where).f_bavail == 0
+    except OSError:
+        return False
+
+
 def temp_sibling(path: Path) -> Path:
     """The hidden temporary name a write to ``path`` goes through (``.NAME.tmp-PID-RANDOM``)."""
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -78,14 +91,34 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         _unlink(tmp)
         remove_made(made)
-        raise write_error(path, e) from None
-    except BaseException:
-        _unlink(tmp)
-        remove_made(made)
+        if (failed := write_failure(e, path, tmp, any_oserror=True)) is not None:
+            raise failed from None
         raise
+
+
+def write_failure(e: BaseException, out: Path, tmp: Path, *, any_oserror: bool = False) -> OutputError | None:
+    """The one line for ``e``, raised while writing ``out`` through ``tmp``, when it is the write that failed.
+
+    A write failed when: ``e`` is an OSError with a WRITE_ERRNOS errno, or naming ``out`` or a path under ``tmp``
+    (every OSError with ``any_oserror``: a single file's write does nothing else); ``e`` is the OutputError of a
+    file written under ``tmp`` (it is re-said for ``out``); or ``e`` comes from a writer with its own exception
+    type (safetensors, torch.save) while the disk is full. None otherwise (an interrupt, a bug, a user error).
+    """
+    if isinstance(e, OutputError):
+        inner = getattr(e, "os_error", None)
+        inside = str(getattr(e, "path", "")).startswith(str(tmp))
+        return write_error(out, inner) if inner is not None and inside else None
+    if isinstance(e, OSError):
+        names = [str(f) for f in (e.filename, e.filename2) if f]
+        if any_oserror or e.errno in WRITE_ERRNOS or any(f == str(out) or f.startswith(str(tmp)) for f in names):
+            return write_error(out, e)
+        return None
+    if isinstance(e, Exception) and not isinstance(e, QuestExportError) and disk_full(e, out.parent):
+        return write_error(out, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    return None
 
 
 def make_parents(path: Path) -> list[Path]:
@@ -184,5 +217,5 @@ def _read_pid(fd: int) -> str:
     return text or "unknown"
 
 
-__all__ = ["WRITE_ERRNOS", "atomic_file", "check_output", "lock_path", "make_parents", "output_lock", "remove_made",
-           "temp_sibling", "write_bytes_atomic", "write_error", "write_text_atomic"]  # fmt: skip
+__all__ = ["WRITE_ERRNOS", "atomic_file", "check_output", "disk_full", "lock_path", "make_parents", "output_lock", "remove_made",
+           "temp_sibling", "write_bytes_atomic", "write_error", "write_failure", "write_text_atomic"]  # fmt: skip
