@@ -466,7 +466,7 @@ def info(recipe: Recipe) -> dict:
 
 def export_artifact(artifact: str | Path, recipe: Recipe, *, out: str | Path) -> dict:
     """Export an existing quantized artifact for ``recipe.target`` (its calibration set gives the references)."""
-    from quest_export_runtime.outputs import check_output
+    from quest_export_runtime.outputs import check_output, output_lock
 
     from quest_export.calib.collect import CalibrationSet
     from quest_export.export.exporter import onnx_from_artifact
@@ -485,8 +485,10 @@ def export_artifact(artifact: str | Path, recipe: Recipe, *, out: str | Path) ->
         raise ArtifactError(f"{artifact}: its calibration set ({calib_dir}) is gone; re-run `quest-export calibrate` "
                             "with the same recipe")  # fmt: skip
     info_ = resolve_model(meta["model"]["name"], cond=meta["model"].get("cond"))
-    res = onnx_from_artifact(artifact, target=recipe.target, cfg=recipe.export, out=out, calib=CalibrationSet.load(calib_dir),
-                             recipe_fingerprint=recipe.fingerprint(), scheduler_config=info_.scheduler_config)  # fmt: skip
+    with output_lock(out):
+        res = onnx_from_artifact(artifact, target=recipe.target, cfg=recipe.export, out=out,
+                                 calib=CalibrationSet.load(calib_dir), recipe_fingerprint=recipe.fingerprint(),
+                                 scheduler_config=info_.scheduler_config)  # fmt: skip
     return res.manifest
 
 

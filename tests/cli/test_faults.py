@@ -233,13 +233,18 @@ def test_failed_write_leaves_nothing(case, argv, method, err, fragment, place, m
 PTQ = ["--method", "ptq", "--set", "ptq.adaround_iters=0", "--set", "quant.timestep_groups=1"]
 
 
-@pytest.mark.parametrize("verb", ["calibrate", "quantize", "build"])
+@pytest.mark.parametrize("verb", ["calibrate", "quantize", "build", "export RUN_DIR"])
 def test_a_held_output_lock_refuses_a_second_writer(verb, place):
     """Another run writing the same artifact (its lock held): refused with one line naming its pid, before any
     byte of the artifact is written; once released, the same command runs (calibrate: to the end)."""
     out = place["ok"]
     argv = [verb, "--model", "{model}", *QUICK, *PTQ, *(["--target", "cpu"] if verb == "build" else []),
             "--out", str(out)]  # fmt: skip
+    if verb == "export RUN_DIR":
+        run_dir = place["tmp"] / "q"
+        code, lines, result = run_cli(["quantize", "--model", "{model}", *QUICK, *PTQ, "--out", str(run_dir)], place)
+        assert code == 0, (lines, result.exception)
+        argv = ["export", str(run_dir), "--target", "cpu", "--out", str(out)]
     with output_lock(out) as held:  # as another run would: its own open file, so the CLI's flock conflicts
         assert held == lock_path(out) and held.read_text().strip() == str(os.getpid())
         code, lines, result = run_cli(argv, place)
