@@ -77,6 +77,7 @@ def place(tmp_path, monkeypatch, models, cond_files):
     (tmp_path / "art").mkdir()  # the least `report` renders: a manifest with a stage
     (tmp_path / "vdir" / "verify.json").mkdir(parents=True)  # `verify` writes DIR/verify.json
     (tmp_path / "art" / "manifest.json").write_text(json.dumps({"schema": 1, "stage": "export"}))
+    (tmp_path / "art" / "engine").write_text("not a folder\n")  # `build --from ART` writes ART/engine/
     yield {"file": tmp_path / "file", "dir": tmp_path / "dir", "ro": tmp_path / "ro", "ok": tmp_path / "new",
            "art": tmp_path / "art", "vdir": tmp_path / "vdir",
            "model": models["cond"], "uncond": models["uncond"], "tmp": tmp_path,
@@ -134,6 +135,7 @@ CASES = [
     ("build-out-unwritable", ["build", "--model", "{model}", *QUICK, "--out", "{ro}/b"], 2, "cannot write in {ro}"),
     ("build-work-unwritable", ["build", "--model", "{model}", *QUICK, "--work", "{ro}/w"], 2, "cannot write in {ro}"),
     ("verify-json-is-dir", ["verify", "{vdir}"], 2, "{vdir}/verify.json: is a folder, the output here is a file"),
+    ("build-from-engine-is-file", ["build", "--from", "{art}"], 2, "{art}/engine: is a file, the output here is a folder"),
     ("build-from-out-is-file", ["build", "--from", "{dir}", "--out", "{file}"], 2, "{file}: is a file, the output here is a folder"),
     # -- counts and steps
     ("sample-n-0", ["sample", "--model", "{model}", "--n", "0", "--out", "{ok}.png"], 2, "--n 0: must be at least 1"),
