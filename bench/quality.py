@@ -134,7 +134,9 @@ def worker(args) -> None:
     summary = pipeline.run(recipe, stages=("quantize",), work=args.work, show_progress=False)
     q = summary.stage("quantize")
     quant_seconds = time.time() - t0
-    rep = json.loads((q.path / "quant.json").read_text()).get("report", {})
+    from quest_export.quant.artifact import full_report
+
+    rep = full_report(q.path)
     res = {"row": args.name, "model": model, "method": method, "bits": bits, "sets": sets, "target": target,
            "recipe_fingerprint": recipe.fingerprint(), "quantize_seconds": round(quant_seconds, 1),
            "quantize_reused": q.reused, "artifact": str(q.path), "report": rep}  # fmt: skip

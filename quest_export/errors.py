@@ -13,15 +13,17 @@ from quest_export_runtime.errors import (
     ArtifactError,
     ExportError,
     InputError,
+    Interrupted,
     ManifestMismatch,
+    OutputError,
     QuestExportError,
     TargetError,
     TensorRTUnavailableError,
 )
 
-__all__ = ["ArtifactError", "ExportError", "InputError", "ManifestMismatch", "ModelError", "NotBuiltError",
-           "QuestExportError", "RecipeError", "TargetError", "TensorRTUnavailableError", "TrainingDivergedError",
-           "VerificationFailed"]  # fmt: skip
+__all__ = ["ArtifactError", "ExportError", "InputError", "Interrupted", "ManifestMismatch", "ModelError",
+           "NotBuiltError", "OutputError", "QuestExportError", "RecipeError", "TargetError", "TensorRTUnavailableError",
+           "TrainingDivergedError", "VerificationFailed"]  # fmt: skip
 
 
 class RecipeError(QuestExportError):

@@ -10,16 +10,18 @@ of the stages before it and the quest_export version. Stages are imported lazily
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from quest_export import __version__
-from quest_export.errors import ArtifactError, InputError
+from quest_export.errors import ArtifactError, InputError, Interrupted
 from quest_export.recipe.config import Recipe, to_jsonable
 from quest_export.recipe.methods import get_method, method_names
 from quest_export.recipe.presets import BITS, PAPER_B_EPOCHS
@@ -147,6 +149,8 @@ class _Run:
         self.out = outs.get("build") or self.dirs.engines / f"{self.tag}-{recipe.target.id}"
         self.backend: str | None = None  # "trt": the engine must be built here
         self.built_now: set[str] = set()  # stages computed (not reused) in this run
+        self.locks = contextlib.ExitStack()  # the output locks of the running stage (_claim), released after it
+        self.resume_dir: Path | None = None  # a checkpoint folder an interrupted stage kept for --resume
         self._model = None
 
     def model(self):
@@ -191,9 +195,14 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
         backend: None = the target's runtime (a TensorRT target gets a bundle, plus the engine where TensorRT
             and a matching GPU are here); "trt" insists on the engine and fails where it cannot be built.
     """
+    from quest_export_runtime.outputs import check_output
+
+    from quest_export.workdir import resolve_work
+
     needed = _needed(stages)
     last = "build" if needed[-1] == "verify" else needed[-1]
-    outs = {last: Path(out).expanduser().absolute()} if out else {}  # artifacts record each other's paths
+    outs = {last: check_output(out, "dir")} if out else {}  # absolute: artifacts record each other's paths
+    check_output(resolve_work(work), "dir")  # the earlier stages (and the default --out) go there
     r = _Run(recipe, work=Path(work) if work else None, outs=outs, force=force, resume=resume,
              show_progress=show_progress)  # fmt: skip
     r.backend = backend
@@ -214,7 +223,11 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
         fn = {"calibrate": _calibrate, "quantize": _quantize, "export": _export, "build": _build, "verify": _verify}[
             name
         ]
-        path, reused, detail = fn(r, paths)
+        try:
+            with r.locks:
+                path, reused, detail = fn(r, paths)
+        except KeyboardInterrupt as e:
+            raise _interrupted(r, name, summary, e) from None
         if not reused:
             r.built_now.add(name)
         paths[name] = path
@@ -227,6 +240,20 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     return summary
 
 
+def _interrupted(r: _Run, stage: str, summary: RunSummary, e: KeyboardInterrupt) -> Interrupted:
+    """What the user is told when SIGINT/SIGTERM stops a run: what was kept, and how to continue."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    parts = [f"interrupted by {signal.Signals(signum).name} during {stage}; its unfinished output was removed"]
+    kept = [f"{s.name} {s.path}" for s in summary.stages if s.path is not None]
+    if kept:
+        parts.append(f"kept the finished stages: {', '.join(kept)}")
+    if r.resume_dir is not None:
+        parts.append(f"kept the {stage} checkpoint {r.resume_dir}: re-run the same command with --resume to continue")
+    else:
+        parts.append("re-run the same command to continue" + (" (finished stages are reused)" if kept else ""))
+    return Interrupted(signum, "; ".join(parts))
+
+
 def _needed(stages) -> list[str]:
     last = max(ALL.index(s) for s in stages)
     return list(ALL[: last + 1])
@@ -236,7 +263,11 @@ def _needed(stages) -> list[str]:
 
 
 def _claim(r: _Run, stage: str, path: Path) -> None:
-    """Refuse to overwrite a folder that holds this stage's artifact of another recipe (a --out chosen twice)."""
+    """Lock ``path`` for this stage (another run writing it is refused), then refuse to overwrite a folder that
+    holds this stage's artifact of another recipe (a --out chosen twice)."""
+    from quest_export_runtime.outputs import output_lock
+
+    r.locks.enter_context(output_lock(path))
     if not (path / "manifest.json").is_file() or stage in r.force or "all" in r.force:
         return
     try:
@@ -269,7 +300,7 @@ def _calibrate(r: _Run, paths):
 def _quantize(r: _Run, paths):
     from quest_export.calib.collect import CalibrationSet
     from quest_export.methods import QuantizeJob, load_runner
-    from quest_export.quant.artifact import save_quantized
+    from quest_export.quant.artifact import save_quantized, split_run
 
     rec = r.recipe
     path = r.outs.get("quantize") or r.dirs.quantize / f"{r.tag}-{r.keys['quantize']}"
@@ -281,17 +312,25 @@ def _quantize(r: _Run, paths):
     if work.exists() and not r.resume:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    model = r.model()
-    runner = load_runner(get_method(rec.quant.method))
-    job = QuantizeJob(model=model, calib=calib, recipe=rec, device=r.device, work=work, resume=r.resume,
-                      show_progress=r.show)  # fmt: skip
-    qunet, report = runner.quantize(job)
-    r._model = None  # its UNet is quantized now
-    qunet.unet.to("cpu")
-    save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=job.model_ref,
-                   sampler=to_jsonable(rec.sampler), config=runner.config(rec),
-                   extra={"report": report, "calibration": str(paths["calibrate"])})  # fmt: skip
-    _stamp(path, r.keys["quantize"])
+    try:
+        model = r.model()
+        runner = load_runner(get_method(rec.quant.method))
+        job = QuantizeJob(model=model, calib=calib, recipe=rec, device=r.device, work=work, resume=r.resume,
+                          show_progress=r.show)  # fmt: skip
+        qunet, report = runner.quantize(job)
+        r._model = None  # its UNet is quantized now
+        qunet.unet.to("cpu")
+        kept, run = split_run(report)  # the run fields go to the manifest's "run": a resumed run's quant.json is equal
+        save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=job.model_ref,
+                       sampler=to_jsonable(rec.sampler), config=runner.config(rec),
+                       extra={"report": kept, "calibration": str(paths["calibrate"])}, run={"report": run})  # fmt: skip
+        _stamp(path, r.keys["quantize"])
+    except KeyboardInterrupt:
+        if any(p.is_file() for p in work.rglob("*")):
+            r.resume_dir = work  # a checkpoint --resume continues from
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
+        raise
     shutil.rmtree(work, ignore_errors=True)
     return path, False, report
 
@@ -367,9 +406,11 @@ def _maybe_build_engine(r: _Run, bundle: Path) -> str:
 def _verify(r: _Run, paths):
     """Verify the built folder; a passed verify.json of the same build and thresholds is reused."""
     from quest_export_runtime.manifest import write_json_atomic
+    from quest_export_runtime.outputs import output_lock
 
     from quest_export.verify.harness import verify_build
 
+    r.locks.enter_context(output_lock(paths["build"]))
     key = _key("verify", r.keys["build"], r.recipe.verify, r.backend)
     vpath = paths["build"] / "verify.json"
     if not ({"verify", "all"} & r.force) and "build" not in r.built_now and vpath.is_file():
@@ -393,6 +434,7 @@ __all__ = [
     "ALL",
     "BITS_PRESETS",
     "METHODS",
+    "Interrupted",
     "QuestExportError",
     "RunSummary",
     "StageResult",
@@ -424,10 +466,13 @@ def info(recipe: Recipe) -> dict:
 
 def export_artifact(artifact: str | Path, recipe: Recipe, *, out: str | Path) -> dict:
     """Export an existing quantized artifact for ``recipe.target`` (its calibration set gives the references)."""
+    from quest_export_runtime.outputs import check_output, output_lock
+
     from quest_export.calib.collect import CalibrationSet
     from quest_export.export.exporter import onnx_from_artifact
     from quest_export.models.loading import resolve_model
 
+    out = check_output(out, "dir")
     meta = (
         json.loads((Path(artifact) / "quant.json").read_text()) if (Path(artifact) / "quant.json").is_file() else None
     )
@@ -440,8 +485,10 @@ def export_artifact(artifact: str | Path, recipe: Recipe, *, out: str | Path) ->
         raise ArtifactError(f"{artifact}: its calibration set ({calib_dir}) is gone; re-run `quest-export calibrate` "
                             "with the same recipe")  # fmt: skip
     info_ = resolve_model(meta["model"]["name"], cond=meta["model"].get("cond"))
-    res = onnx_from_artifact(artifact, target=recipe.target, cfg=recipe.export, out=out, calib=CalibrationSet.load(calib_dir),
-                             recipe_fingerprint=recipe.fingerprint(), scheduler_config=info_.scheduler_config)  # fmt: skip
+    with output_lock(out):
+        res = onnx_from_artifact(artifact, target=recipe.target, cfg=recipe.export, out=out,
+                                 calib=CalibrationSet.load(calib_dir), recipe_fingerprint=recipe.fingerprint(),
+                                 scheduler_config=info_.scheduler_config)  # fmt: skip
     return res.manifest
 
 
@@ -479,17 +526,27 @@ def lint(path: str | Path, target: str, *, layers: str | None = None) -> dict:
     return {"ok": rep.ok, "text": rep.format_text(), "json": rep.to_dict()}
 
 
+def check_counts(**counts: int | None) -> None:
+    """Refuse a sample count or step count below 1 (None: the default) with one line naming the option."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise InputError(f"--{name} {value}: must be at least 1")
+
+
 def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, steps: int | None = None) -> Path:
     """Sample the float model (torch) into a PNG grid."""
     from quest_export_runtime.images import save_grid
+    from quest_export_runtime.outputs import check_output
 
     from quest_export.eval import generate
     from quest_export.models import load_model
     from quest_export.models.sampling import SamplerSpec
 
+    check_counts(n=n, steps=steps)
+    out = check_output(out, "file")
     s = recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
-    if steps:
+    if steps is not None:
         spec = replace(spec, steps=steps)
     device = resolve_device(recipe)
     model = load_model(recipe.model.name, cond=recipe.model.cond, device=device)
@@ -500,8 +557,11 @@ def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, step
 def sample_artifact(path: str | Path, *, n: int, out: str | Path, seed: int = 0, backend: str | None = None,
                     steps: int | None = None, labels: list[str] | None = None) -> Path:  # fmt: skip
     """Sample an export, ORT build, bundle or engine folder with the torch-free runtime into a PNG grid."""
+    from quest_export_runtime.outputs import check_output
     from quest_export_runtime.pipeline import RuntimePipeline
 
+    check_counts(n=n, steps=steps)
+    out = check_output(out, "file")
     with RuntimePipeline.from_artifact(path, backend=backend) as pipe:
         imgs = pipe(class_labels=labels, num_images=n, seed=seed, steps=steps)
     return pipe.save_grid(imgs, out)
@@ -519,6 +579,11 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
     from quest_export.models import load_model
     from quest_export.models.sampling import SamplerSpec
 
+    check_counts(n=n, steps=steps)
+    if grid:
+        from quest_export_runtime.outputs import check_output
+
+        grid = check_output(grid, "file")
     device = resolve_device(recipe)
     s = recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)

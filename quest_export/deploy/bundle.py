@@ -22,6 +22,7 @@ from pathlib import Path
 
 from quest_export_runtime.device import JETPACK_L4T, L4T_CORE_PACKAGE, shell_functions
 from quest_export_runtime.manifest import (
+    BASE_KEYS,
     MANIFEST_NAME,
     atomic_dir,
     read_manifest,
@@ -37,7 +38,6 @@ from quest_export.deploy.trtexec import render_trtexec
 from quest_export.errors import ArtifactError, TargetError
 from quest_export.recipe.config import TargetProfile, VerifyConfig
 
-BASE_KEYS = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created")
 ATOL_FLOOR = 1e-5  # polygraphy's default atol: the bound never goes below it
 RUNTIME_DIST = "quest-export-runtime"
 WHEELS = "wheels"  # bundle folder of the runtime wheel (pip --find-links)

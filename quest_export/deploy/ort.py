@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from quest_export_runtime.manifest import atomic_dir, read_manifest, verify_files, write_manifest
+from quest_export_runtime.manifest import BASE_KEYS, atomic_dir, read_manifest, verify_files, write_manifest
 from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS, ORT_SESSION_CONFIG
 
 from quest_export.errors import ArtifactError, TargetError
@@ -122,8 +122,7 @@ def ort_engine_from_export(export_dir: str | Path, *, out: str | Path, target: T
                    "config": SESSION_CONFIG, "providers": providers,
                    "optimized": not per_group}  # fmt: skip
         (tmp / "session.json").write_text(json.dumps(session, indent=2) + "\n")
-        keep = {k: v for k, v in manifest.items() if k not in ("schema", "stage", "files", "versions", "created", "inputs",
-                                                                  "config", "recipe_fingerprint")}  # fmt: skip
+        keep = {k: v for k, v in manifest.items() if k not in BASE_KEYS}
         keep["graphs"] = new_graphs
         write_manifest(tmp, stage="build-ort", recipe_fingerprint=manifest.get("recipe_fingerprint"),
                        config={"level": level, "providers": providers},

@@ -26,15 +26,16 @@ from quest_export_runtime.manifest import atomic_dir, write_manifest
 from quest_export import __version__
 from quest_export.errors import ExportError, TargetError
 from quest_export.export import graph as G
+from quest_export.export.lint.graph import RATIOS_INPUT, UNET_INPUTS
 from quest_export.export.qdq import ExportPlan, QdqEmitter, plan_acts
 from quest_export.quant.artifact import load_quantized
 from quest_export.quant.model import QuantizedUNet, QuantMode
 from quest_export.recipe.config import ExportConfig, TargetProfile, to_jsonable
 
 log = logging.getLogger(__name__)
-INPUTS = ("sample", "timestep", "encoder_hidden_states")
+INPUTS = tuple(UNET_INPUTS)  # the interface `quest-export lint` checks (G-2)
 OUTPUT = "noise_pred"
-RATIOS = "act_scale_ratios"
+RATIOS = RATIOS_INPUT
 MAX_BATCH = 1024
 
 

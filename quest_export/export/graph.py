@@ -5,12 +5,12 @@ Never computes in-graph constants and never folds a DQ into float weights (deplo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from quest_export_runtime.outputs import atomic_file
 
 INT4 = {"int4": TensorProto.INT4, "uint4": TensorProto.UINT4}
 
@@ -166,8 +166,7 @@ def write_shared_weights(models: list[onnx.ModelProto], out_dir: Path, files: li
         shared &= {n for n in here if n in first and here[n] == (first[n].raw_data or first[n].SerializeToString())}
     offsets: dict[str, tuple[int, int]] = {}
     wpath = out_dir / weights
-    tmp = wpath.with_name(wpath.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(wpath) as tmp, open(tmp, "wb") as f:
         for name in sorted(shared):
             data = numpy_helper.to_array(first[name]) if not first[name].raw_data else None
             raw = first[name].raw_data if data is None else _raw(first[name])
@@ -175,7 +174,6 @@ def write_shared_weights(models: list[onnx.ModelProto], out_dir: Path, files: li
             f.write(b"\0" * pad)
             offsets[name] = (f.tell(), len(raw))
             f.write(raw)
-    os.replace(tmp, wpath)
     for m, fname in zip(models, files):
         for init in m.graph.initializer:
             if init.name in offsets:

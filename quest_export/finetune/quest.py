@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,10 +260,10 @@ class QuestFinetuner:
                  "opt_b": self.opt_b.state_dict() if self.opt_b else None,
                  "opt_c": self.opt_c.state_dict() if self.opt_c else None, "first_loss": self._first_loss,
                  "report": self.report.__dict__}  # fmt: skip
-        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt)
+        from quest_export_runtime.outputs import atomic_file
+
+        with atomic_file(self.ckpt) as tmp:
+            torch.save(state, tmp)
 
     def _load(self) -> bool:
         if self.ckpt is None or not self.ckpt.is_file():

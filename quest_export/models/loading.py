@@ -159,6 +159,12 @@ def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
 
 
 def load_conditioning(path: Path, *, expected_dim: int | None = None) -> Conditioning:
+    """Read and check a conditioning file (``--cond`` or a model's own): the one place its contents are validated.
+
+    Refused with one line: no ``encoder_hidden_states`` tensor, a non-float dtype, a shape other than (R, L, D) or a
+    width other than the UNet's ``cross_attention_dim``, NaN or Inf values, ``labels`` metadata that is not a JSON
+    list of R names, and an ``uncond_index`` that is not a row.
+    """
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -166,17 +172,36 @@ def load_conditioning(path: Path, *, expected_dim: int | None = None) -> Conditi
             meta = f.metadata() or {}
             if "encoder_hidden_states" not in f.keys():
                 raise InputError(f"{path} has no 'encoder_hidden_states' tensor; expected shape (R, L, D)")
-            table = f.get_tensor("encoder_hidden_states").float()
+            table = f.get_tensor("encoder_hidden_states")
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path} is not a readable safetensors file ({e})") from None
+    if not table.is_floating_point():
+        raise InputError(f"{path}: encoder_hidden_states is {str(table.dtype).removeprefix('torch.')}; conditioning "
+                         "rows are text-encoder states, save them as float32 (or float16/bfloat16)")  # fmt: skip
+    table = table.float()
     if table.dim() != 3:
         raise InputError(f"{path}: encoder_hidden_states must be (R, L, D), got {tuple(table.shape)}")
     if expected_dim is not None and table.shape[-1] != expected_dim:
         raise InputError(
             f"{path}: rows have width {table.shape[-1]}, the UNet expects cross_attention_dim {expected_dim}"
         )
-    uncond = int(meta["uncond_index"]) if "uncond_index" in meta else None
-    labels = json.loads(meta["labels"]) if "labels" in meta else [str(i) for i in range(table.shape[0])]
+    bad = (~torch.isfinite(table)).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise InputError(f"{path}: encoder_hidden_states row(s) {', '.join(map(str, bad[:5]))}"
+                         f"{' ...' if len(bad) > 5 else ''} hold NaN or Inf; re-encode them")  # fmt: skip
+    rows = table.shape[0]
+    try:
+        uncond = int(meta["uncond_index"]) if "uncond_index" in meta else None
+        labels = json.loads(meta["labels"]) if "labels" in meta else [str(i) for i in range(rows)]
+    except ValueError:
+        raise InputError(f"{path}: metadata 'uncond_index' must be an integer and 'labels' a JSON list of names "
+                         f"(one per row)") from None  # fmt: skip
+    if not isinstance(labels, list) or len(labels) != rows:
+        n = len(labels) if isinstance(labels, list) else "not a list of"
+        raise InputError(f"{path}: metadata 'labels' has {n} names for {rows} encoder_hidden_states rows; "
+                         "give one label per row (the unconditional one included)")  # fmt: skip
+    if uncond is not None and not 0 <= uncond < rows:
+        raise InputError(f"{path}: metadata uncond_index={uncond} is not a row (0..{rows - 1})")
     return Conditioning(table=table, uncond_index=uncond, labels=labels, source=str(path))
 
 

@@ -24,6 +24,30 @@ from quest_export.recipe.config import QuantRecipe, from_jsonable
 
 STATE_FILE = "quantized.safetensors"
 PLAN_FILE = "quant.json"
+# report fields particular to one run (wall time, memory, how the loops ran, the checkpoint resumed from): kept in
+# the manifest's "run" key, so that a resumed artifact's quant.json equals an uninterrupted run's
+RUN_FIELDS = ("seconds", "stage_seconds", "peak_memory_mib", "loops", "resumed_from")
+
+
+def split_run(report: dict) -> tuple[dict, dict]:
+    """(the report without RUN_FIELDS, those fields) for a {section: {field: value}} quantize report."""
+    kept, run = {}, {}
+    for section, fields in report.items():
+        if not isinstance(fields, dict):
+            kept[section] = fields
+            continue
+        kept[section] = {k: v for k, v in fields.items() if k not in RUN_FIELDS}
+        if ours := {k: v for k, v in fields.items() if k in RUN_FIELDS}:
+            run[section] = ours
+    return kept, run
+
+
+def full_report(path: str | Path) -> dict:
+    """An artifact's quantize report with its run fields put back (quant.json's report + the manifest's run)."""
+    path = Path(path)
+    report = json.loads((path / PLAN_FILE).read_text()).get("report", {})
+    run = json.loads((path / "manifest.json").read_text()).get("run", {}).get("report", {})
+    return {s: {**v, **run.get(s, {})} if isinstance(v, dict) else v for s, v in report.items()}
 
 
 @dataclass
@@ -39,8 +63,9 @@ class QuantArtifact:
 
 def save_quantized(qunet: QuantizedUNet, out: str | Path, *, recipe_fingerprint: str, quant: QuantRecipe,
                    model_ref: dict, sampler: dict, stage: str = "quantize", config: dict | None = None,
-                   inputs: dict | None = None, extra: dict | None = None) -> Path:  # fmt: skip
-    """Write the artifact folder ``out`` atomically. ``model_ref`` = {name, cond, hash}."""
+                   inputs: dict | None = None, extra: dict | None = None, run: dict | None = None) -> Path:  # fmt: skip
+    """Write the artifact folder ``out`` atomically. ``model_ref`` = {name, cond, hash}; ``run`` goes to the
+    manifest's ``run`` key (what is particular to this run, see ``split_run``)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in qunet.unet.state_dict().items()}
@@ -55,7 +80,7 @@ def save_quantized(qunet: QuantizedUNet, out: str | Path, *, recipe_fingerprint:
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / STATE_FILE), metadata={"format": "quest-export fake-quant state"})
         (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        write_manifest(tmp, stage=stage, recipe_fingerprint=recipe_fingerprint, config=config, inputs=inputs)
+        write_manifest(tmp, stage=stage, recipe_fingerprint=recipe_fingerprint, config=config, inputs=inputs, run=run)
     return Path(out)
 
 

@@ -57,6 +57,7 @@ def render(path: str | Path) -> str:
 
 
 def write_report(path: str | Path, *, out: str | Path | None = None) -> Path:
-    out = Path(out) if out else Path(path) / "report.md"
-    out.write_text(render(path))
-    return out
+    from quest_export_runtime.outputs import check_output, write_text_atomic
+
+    out = check_output(out if out else Path(path) / "report.md", "file")
+    return write_text_atomic(out, render(path))

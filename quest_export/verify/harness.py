@@ -197,8 +197,11 @@ def verify_build(path: str | Path, *, recipe: Recipe | None = None, cfg: VerifyC
             H-2, H-4 and bisection; without torch those tiers are skipped with the reason.
     """
     from quest_export_runtime.bundle import open_artifact
+    from quest_export_runtime.outputs import check_output
 
     path = Path(path)
+    if write and path.is_dir():  # refused before the tiers run, not after
+        check_output(path / "verify.json", "file")
     cfg = cfg or (recipe.verify if recipe else VerifyConfig())
     art = open_artifact(path)
     runner = "tensorrt" if art.backend == "trt" else "onnxruntime (CPU)"

@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json, save_json
+from quest_export_runtime.manifest import BASE_KEYS as MANIFEST_BASE_KEYS
 from quest_export_runtime.manifest import read_manifest, sha256_file, verify_files, write_manifest
 from quest_export_runtime.plan import BuildPlan
 
@@ -32,7 +33,7 @@ from quest_export.recipe.config import to_jsonable
 from quest_export.recipe.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE_KEYS = {"schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created"}
+BASE_KEYS = set(MANIFEST_BASE_KEYS)
 FINGERPRINT = "5e" * 32
 C, H, W, L, D = 4, 8, 8, 3, 16  # latent channels, spatial size, conditioning tokens and width
 HAS_TRT = shutil.which("trtexec") or Path("/usr/src/tensorrt/bin/trtexec").exists()
@@ -185,7 +186,7 @@ def test_tampering_is_detected(jp61_bundle, rel):
 def test_manifest_carries_the_export_keys_and_the_build_plan(tmp_path, jp61_bundle):
     export = read_manifest(tmp_path / "export", stage="export")
     bundle = read_manifest(jp61_bundle, stage="bundle")
-    assert {"schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created"} <= set(bundle)
+    assert BASE_KEYS <= set(bundle)
     for key in set(export) - BASE_KEYS:
         assert bundle[key] == export[key], key
     assert bundle["recipe_fingerprint"] == FINGERPRINT and bundle["config"] == export["config"]

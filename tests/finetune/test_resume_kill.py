@@ -1,5 +1,7 @@
 """The real interruption: `quest-export quantize --method quest` killed with SIGKILL once its finetune checkpoint
-exists, then re-run with --resume, ends with the same quantized artifact as an uninterrupted run (quest.md 5)."""
+exists, then re-run with --resume, ends with the same quantized artifact as an uninterrupted run (quest.md 5): the
+same tensors, the same quant.json and the same manifest but for its ``run`` key (timings, the checkpoint resumed
+from, the time written)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from quest_export.finetune.quest import CKPT_NAME
-from quest_export.quant.artifact import PLAN_FILE, STATE_FILE
+from quest_export.quant.artifact import PLAN_FILE, STATE_FILE, full_report
 from tests.tiny import write_tiny_model_dir
 
 pytestmark = pytest.mark.slow
@@ -71,7 +73,9 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; give it more steps"
     assert ckpt.is_file()
-    assert [p.name for p in (killed / "runs" / "quantize").iterdir()] == [ckpt.parent.name]  # no artifact yet
+    # no artifact yet; SIGKILL leaves the hidden lock file (the kernel dropped the lock; the next run takes it over)
+    left = sorted(p.name for p in (killed / "runs" / "quantize").iterdir())
+    assert left == sorted([ckpt.parent.name, f".{ckpt.parent.name.removesuffix('.work')}.lock"]), left
     state = torch.load(ckpt, weights_only=True)
     assert state["pos"]["stage"] == "B" and state["pos"]["index"] < 3, state["pos"]  # killed inside Stage B
 
@@ -79,17 +83,22 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     resumed = subprocess.run(quantize_cmd(killed, model, "--resume"), cwd=tmp_path, env=env(), capture_output=True,
                              text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list((killed / "runs" / "quantize").glob(".*")), "the resumed run left its lock or a temporary"
 
-    # 3. the same recipe, never interrupted, in its own work folder
-    clean = tmp_path / "clean"
-    straight = subprocess.run(quantize_cmd(clean, model), cwd=tmp_path, env=env(), capture_output=True, text=True)
+    # 3. the same recipe, never interrupted, to its own --out (the same work folder: the same calibration set)
+    b = tmp_path / "clean"
+    straight = subprocess.run(quantize_cmd(killed, model, "--out", str(b)), cwd=tmp_path, env=env(),
+                              capture_output=True, text=True)  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    a, b = artifact(killed), artifact(clean)
-    report_a = json.loads((a / PLAN_FILE).read_text())["report"]["finetune"]
-    report_b = json.loads((b / PLAN_FILE).read_text())["report"]["finetune"]
+    a = artifact(killed)
+    report_a, report_b = full_report(a)["finetune"], full_report(b)["finetune"]
     assert report_a["resumed_from"] and report_a["resumed_from"].endswith(CKPT_NAME)  # it did resume
     assert report_b["resumed_from"] is None
+    assert (a / PLAN_FILE).read_bytes() == (b / PLAN_FILE).read_bytes()  # run fields are in the manifest's "run"
+    man_a, man_b = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    assert man_a.pop("run") != man_b.pop("run")  # the one key that tells them apart
+    assert man_a == man_b
     ta, tb = load_file(str(a / STATE_FILE)), load_file(str(b / STATE_FILE))
     assert ta.keys() == tb.keys()
     diff = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]

@@ -48,7 +48,7 @@ def test_atomic_dir_exception_leaves_nothing(tmp_path, exc):
             (tmp / "half.txt").write_text("half written")
             raise exc
     assert not out.exists()
-    assert _entries(tmp_path / "nested") == []  # no output folder and no temporary folder
+    assert _entries(tmp_path) == []  # no output folder, no temporary folder, not even the parent it created
 
 
 def test_atomic_dir_replace_false_refuses_existing_folder(tmp_path):

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
-from quest_export_runtime.manifest import read_manifest, write_manifest
+from quest_export_runtime.manifest import BASE_KEYS, read_manifest, write_manifest
 
 import quest_export.log as qe_log
 from cli.main import main
@@ -33,7 +33,6 @@ TIERS = ["H-2 exact", "H-3 statistical", "H-4 end-to-end"]
 # on this tiny model H-3's default thresholds miss 19 of the 33 convs corrupted this way.
 CORRUPTED_LAYER = "down_blocks.0.downsamplers.0.conv"
 SCALE_FACTOR = np.float32(8)
-BASE_KEYS = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "created")
 
 
 @pytest.fixture(scope="session")

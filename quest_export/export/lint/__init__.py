@@ -5,7 +5,9 @@ TensorRT and without torch. *Errors* are graphs that cannot run correctly on the
 TensorRT parser's unsupported ops (filed under E-14, the Q/DQ form), Conv weights that are not initializers,
 per-channel scale lengths, INT4 block rules, opset/IR and quantized types against the profile (B-6); the
 exporter refuses to write a model with any of them. *Warnings* are graphs that run, but slower than they
-could: Q/DQ placement (E-14...E-20) and INT8/FP8 mixing, each with its expected cost.
+could: Q/DQ placement (E-14...E-20) and INT8/FP8 mixing, each with its expected cost. Two warnings say the graph
+is not one the target's rules are about, and the report's last line then reads "NOT CHECKED" instead of "OK":
+G-1, no quantized op at all (a float graph), and G-2, inputs that are not the UNet interface the runtimes feed.
 
 The package: ``graph`` (the ``_Graph`` index and the spec's constants), ``rules`` (one function per rule and
 the ``RULES`` table), ``report`` (``Violation``, ``LintReport``), ``cli`` (``python -m quest_export.export.lint``),

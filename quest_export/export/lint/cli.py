@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from quest_export_runtime.outputs import check_output, write_text_atomic
+
 from quest_export.errors import InputError, QuestExportError
 from quest_export.export.lint import lint_model
 
@@ -42,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantized-layers", metavar="FILE", help="JSON layer list or export manifest.json")
     args = parser.parse_args(argv)
     try:
+        if args.json:
+            check_output(args.json, "file")
         report = lint_model(args.model, load_target(args.target), quantized_layers=_read_layers(args.quantized_layers))
+        sys.stdout.write(report.format_text() + "\n")
+        if args.json:
+            write_text_atomic(args.json, report.to_json() + "\n")
     except QuestExportError as e:
         sys.stderr.write(f"error: {e}\n")
         return e.exit_code
-    sys.stdout.write(report.format_text() + "\n")
-    if args.json:
-        Path(args.json).write_text(report.to_json() + "\n")
     return 0 if report.ok else 2

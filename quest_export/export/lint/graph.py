@@ -82,6 +82,13 @@ NAME_EXCLUSIONS = {
     "context_embedder": "entry/exit projection of a transformer block, small FLOP share",
 }
 
+# G-2: the UNet interface every runtime of quest-export feeds (the exporter writes these names): input -> rank
+UNET_INPUTS = {"sample": 4, "timestep": 1, "encoder_hidden_states": 3}
+REQUIRED_INPUTS = ("sample", "timestep")
+RATIOS_INPUT = "act_scale_ratios"  # the scale-input mode's per-group activation scale ratios (rank 1)
+# G-1: ops that compute in a quantized type without Q/DQ nodes (ONNX's operator-level quantization)
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+
 T = TensorProto
 UNSIGNED_TYPES = {T.UINT8, T.UINT4, T.UINT16}
 INT4_TYPES = {T.INT4, T.UINT4}

@@ -31,14 +31,18 @@ from quest_export.export.lint.graph import (
     INT4_MIN_OPSET,
     INT4_TYPES,
     INT16_TYPES,
+    INTEGER_OPS,
     MIN_CHANNELS,
     MODEL,
     NAME_EXCLUSIONS,
     ORT_MAX_IR_VERSION,
     QUANTIZE,
+    RATIOS_INPUT,
+    REQUIRED_INPUTS,
     SHAPE_OPS,
     STORAGE_TYPES,
     TRT_UNSUPPORTED_OPS,
+    UNET_INPUTS,
     UNSIGNED_TYPES,
     WEIGHTED_OPS,
     T,
@@ -903,7 +907,50 @@ class Rule:
     needs_layers: bool = False  # runs only when quantized_layers is given
 
 
+# -- G: is this a graph the target's rules are about (a quantized UNet with the interface the runtimes feed)? -----
+
+
+def _g1_quantized(g: _Graph) -> Iterator[_Finding]:
+    if g.qdq_nodes or any(n.op_type in INTEGER_OPS for n in g.nodes):
+        return
+    yield _Finding(MODEL, "the graph has no quantized op (no QuantizeLinear/DequantizeLinear): it is a float graph, "
+                   "so the target's quantization rules had nothing to check.",
+                   "lint the model.onnx of an export folder (`quest-export export ... --target T`).")  # fmt: skip
+
+
+def _g2_inputs(g: _Graph) -> Iterator[_Finding]:
+    fix = ("export the UNet with `quest-export export`, whose graphs take sample (N, C, H, W), timestep (N,) and, "
+           "when conditional, encoder_hidden_states (N, L, D), all float")  # fmt: skip
+    inputs = [v for v in g.model.graph.input if v.name not in g.initializers]
+    names = [v.name for v in inputs]
+    missing = [n for n in REQUIRED_INPUTS if n not in names]
+    if missing:
+        yield _Finding(MODEL, f"the graph inputs are {names}, not the target's UNet interface: {missing} missing.",
+                       f"{fix}.")  # fmt: skip
+    cap = 2 * g.target.max_batch  # max_batch images per call, twice that under classifier-free guidance
+    for v in inputs:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        rank = UNET_INPUTS.get(v.name, 1 if v.name == RATIOS_INPUT else None)
+        if rank is None:
+            yield _Finding(v.name, f"input '{v.name}' is not part of the target's UNet interface "
+                           f"({', '.join([*UNET_INPUTS, RATIOS_INPUT])}); no runtime of quest-export feeds it.",
+                           f"{fix}; weights and scales belong in initializers.")  # fmt: skip
+            continue
+        if t.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            yield _Finding(v.name, f"input '{v.name}' is {type_name(t.elem_type)}; the runtimes feed float32.",
+                           f"{fix}.")  # fmt: skip
+        if t.HasField("shape") and len(dims) != rank:
+            yield _Finding(v.name, f"input '{v.name}' has rank {len(dims)}, the interface has rank {rank}.", f"{fix}.")
+        elif v.name in UNET_INPUTS and dims and dims[0] is not None and dims[0] > cap:
+            yield _Finding(v.name, f"input '{v.name}' has a fixed batch of {dims[0]}; target '{g.target.id}' runs "
+                           f"at most {g.target.max_batch} images per call ({cap} UNet rows under guidance).",
+                           "export with a dynamic or smaller batch.")  # fmt: skip
+
+
 RULES: tuple[Rule, ...] = (
+    Rule("G-1", "warning", "the graph is quantized (has Q/DQ or integer ops)", _g1_quantized),
+    Rule("G-2", "warning", "the graph inputs are the UNet interface the target's runtime feeds", _g2_inputs),
     Rule("E-12", "error", "default-domain opset within the target's cap; INT4/block_size need opset 21", _e12_opset),
     Rule("E-13", "error", "IR version set, readable by onnxruntime 1.31 and by the target", _e13_ir_version),
     Rule("E-1", "error", "zero points are zero and signed (INT8/INT4) on TensorRT", _e1_zero_points),

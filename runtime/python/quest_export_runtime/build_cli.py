@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from quest_export_runtime.audit import AuditReport
 from quest_export_runtime.builder import engines_from_bundle
 from quest_export_runtime.errors import QuestExportError
 from quest_export_runtime.manifest import read_manifest
+from quest_export_runtime.outputs import check_output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
+        check_output(args.out or Path(args.bundle) / "engine", "dir")  # the default is BUNDLE/engine
         out = engines_from_bundle(args.bundle, out_dir=args.out, timing_cache=args.timing_cache,
                                   progress=not args.quiet, allow_experimental=args.allow_experimental)  # fmt: skip
         manifest = read_manifest(out, stage="build-trt")

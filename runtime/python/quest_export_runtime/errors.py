@@ -37,3 +37,27 @@ class ExportError(QuestExportError):
 
 class TensorRTUnavailableError(QuestExportError):
     """TensorRT (builder and ONNX parser) cannot be imported on this machine."""
+
+
+class OutputError(InputError):
+    """An output path (``--out``, ``--grid``...) cannot be written: its message names the path and what to do.
+
+    Raised before any work by ``quest_export_runtime.outputs.check_output``, and by the atomic writers when a write
+    fails (disk full, permission); the temporary file or folder is removed first.
+    """
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command: exit code 128 + the signal number (130, 143).
+
+    A ``KeyboardInterrupt``, so every ``except Exception`` lets it through and every atomic writer removes its
+    temporary output on the way out. The message says what was kept and how to continue.
+    """
+
+    def __init__(self, signum: int = 2, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quest_export_runtime.outputs import write_bytes_atomic
+
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Images in [-1, 1] of shape (N, C, H, W) to uint8 (N, H, W, C)."""
@@ -47,12 +49,7 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
     png = b"\x89PNG\r\n\x1a\n"
     png += chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, png)
 
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, *, nrow: int | None = None) -> Path:

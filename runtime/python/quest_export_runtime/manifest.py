@@ -29,9 +29,20 @@ from quest_export_runtime.device import (
     same_jetpack,
 )
 from quest_export_runtime.errors import ArtifactError, ManifestMismatch
+from quest_export_runtime.outputs import (
+    make_parents,
+    remove_made,
+    temp_sibling,
+    write_error,
+    write_failure,
+    write_text_atomic,
+)
 
 MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
+# the keys write_manifest writes for every stage (docs/formats.md); a stage adds its own. Everything that differs
+# between two runs of the same recipe on the same inputs (the time, a stage's timings) is under "run" only.
+BASE_KEYS = ("schema", "stage", "recipe_fingerprint", "config", "inputs", "files", "versions", "run")
 VERSIONED_PACKAGES = (
     "quest-export",
     "quest-export-runtime",
@@ -67,28 +78,36 @@ def package_versions() -> dict[str, str]:
 def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``out`` only if the block succeeds.
 
-    An interrupted run leaves at most a hidden ``.NAME.tmp-*`` folder, which never loads as
-    an artifact because it has no manifest under ``out``.
+    On any exception (an interrupt included) the temporary ``.NAME.tmp-*`` folder is removed; a killed run
+    (SIGKILL) leaves at most that hidden folder, which never loads as an artifact because it has no manifest
+    under ``out``. A failed write (disk full, read-only, permission: ``outputs.write_failure``) becomes one
+    ``OutputError`` naming ``out``.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    made = make_parents(out)
+    tmp = temp_sibling(out)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        remove_made(made)
+        raise write_error(out, e) from None
     try:
         yield tmp
-    except BaseException:
+        if out.exists():
+            if not replace:
+                raise ArtifactError(f"{out} already exists; remove it or choose another --out")
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
+        if (failed := write_failure(e, out, tmp)) is not None:
+            raise failed from None
         raise
-    if out.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ArtifactError(f"{out} already exists; remove it or choose another --out")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _plain(o: Any) -> Any:
@@ -106,10 +125,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, allow_nan: bool = T
     except ValueError as e:  # a non-finite float where strict JSON is required
         raise ArtifactError(f"{path.name}: {e}; manifests are strict JSON (the C++ runtime reads them with "
                             "nlohmann/json): record non-finite values as null or a string") from None  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -122,8 +138,12 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 
 def write_manifest(root: str | os.PathLike, *, stage: str, recipe_fingerprint: str | None, config: Any = None,
-                   inputs: dict[str, str] | None = None, extra: dict | None = None) -> dict:  # fmt: skip
-    """Write root/manifest.json describing every file already in root."""
+                   inputs: dict[str, str] | None = None, extra: dict | None = None, run: dict | None = None) -> dict:  # fmt: skip
+    """Write root/manifest.json describing every file already in root.
+
+    ``run``: what is particular to this run (timings, the checkpoint resumed from), kept with the UTC time of
+    writing under the one key ``run``, so that two runs of one recipe differ there only.
+    """
     root = Path(root)
     manifest = {
         "schema": MANIFEST_SCHEMA,
@@ -133,7 +153,7 @@ def write_manifest(root: str | os.PathLike, *, stage: str, recipe_fingerprint: s
         "inputs": inputs or {},
         "files": file_hashes(root),
         "versions": package_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(run or {})},
     }
     if extra:
         manifest.update(extra)
