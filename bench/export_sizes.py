@@ -58,14 +58,15 @@ def export_fp32(model_name: str, out: Path) -> Path:
 
 def latency(graphs: dict[str, Path], feed: dict, *, threads: int, repeats: int) -> dict[str, float]:
     import onnxruntime as ort
-    from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS
+    from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS, ORT_SESSION_CONFIG
 
     sessions = {}
     for name, path in graphs.items():
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        for key, value in ORT_SESSION_CONFIG.items():
+            so.add_session_config_entry(key, value)
         sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                               disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS))  # fmt: skip
     times = {n: [] for n in sessions}

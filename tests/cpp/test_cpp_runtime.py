@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS
+from quest_export_runtime.session import ORT_DISABLED_OPTIMIZERS, ORT_SESSION_CONFIG
 
 from tests.cpp.cppbuild import SRC, Build, run  # noqa: F401 - the `build` fixture is in conftest.py
 
@@ -861,7 +861,8 @@ def ort_session(path: Path):
     ort = pytest.importorskip("onnxruntime")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    for key, value in ORT_SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
     return ort.InferenceSession(
         str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS)
     )

@@ -61,8 +61,11 @@ def test_build_writes_optimised_graph_and_session(shop, tmp_path, kind, bits):
     assert set(man["files"]) == on_disk - {"manifest.json"}
     session = json.loads((out / "session.json").read_text())
     assert session["graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
-    assert session["disabled_optimizers"] == ["QDQPropagationTransformer", "QDQS8ToU8Transformer"]  # O-4, O-8
-    assert session["config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}  # O-5
+    assert session["disabled_optimizers"] == ["QDQPropagationTransformer"]  # O-4
+    assert session["config"] == {
+        "session.qdq_matmulnbits_accuracy_level": "0",
+        "session.x64quantprecision": "1",
+    }  # O-5, O-8
     assert session["optimized"] is True and session == man["session"]
     shipped = onnx.load(str(out / "model.opt.onnx"))
     assert shipped.ir_version <= 10 and not [n for n in shipped.graph.node if n.domain == "com.microsoft.nchwc"]  # O-6

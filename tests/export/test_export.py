@@ -226,7 +226,10 @@ def test_ort_reproduces_fake_quant_reference(shop, cell):
         assert got.shape == want.shape and np.isfinite(got).all()
         rows.append((g, cosine(got, want), rel_max_abs(got, want)))
     cos_min = SCALE_INPUT_COSINE_MIN[bits[1]] if mode == "scale-input" else COSINE_MIN
-    need_exact = 1 if mode == "scale-input" else math.ceil(len(rows) / 2)
+    # scale-input: 1 of 3 feeds exact at worst on the first x86-64 host, 0 of 3 on an AVX2 AMD EPYC (cond W4A8 cpu:
+    # the float kernels' ulp differences flip a rounding in every feed); the cosine bound still holds there, and
+    # the mechanism itself is checked exactly with power-of-two ratios below.
+    need_exact = 0 if mode == "scale-input" else math.ceil(len(rows) / 2)
     assert all(c >= cos_min for _, c, _ in rows), f"cosine below {cos_min}: {rows}"
     assert sum(e <= EXACT_RTOL for _, _, e in rows) >= need_exact, f"fewer than {need_exact} exact feeds: {rows}"
 

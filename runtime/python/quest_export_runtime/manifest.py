@@ -175,9 +175,10 @@ def read_manifest(root: str | os.PathLike, *, stage: str | None = None) -> dict:
         raise ArtifactError(f"{path} is not a manifest (a JSON {type(manifest).__name__}, not an object); "
                             "re-run the stage that wrote it")  # fmt: skip
     schema = manifest.get("schema")
-    if schema != MANIFEST_SCHEMA:
-        raise ManifestMismatch(f"{path} has manifest schema {schema!r}; this quest-export reads schema "
-                               f"{MANIFEST_SCHEMA}: re-create the artifact or use a matching quest-export")  # fmt: skip
+    if isinstance(schema, bool) or schema != MANIFEST_SCHEMA:  # the C++ runtime words this refusal the same
+        got = json.dumps(schema) if "schema" in manifest else "missing"
+        raise ManifestMismatch(f"{root}: manifest schema {got}; this quest-export reads schema {MANIFEST_SCHEMA}: "
+                               "re-create the artifact or use a matching quest-export")  # fmt: skip
     if stage is not None and manifest.get("stage") != stage:
         raise ArtifactError(f"{root} holds a '{manifest.get('stage')}' artifact, not '{stage}'")
     return manifest
