@@ -34,6 +34,7 @@ def commands(out: Path, full: bool, work: Path) -> dict[str, list[str] | str]:
                        "--steps", "50,20" if full else "20", "--out", str(out / "float_eval.json")],
         "recon_speed": ["recon_speed.py", "--model", "fmnist-cond", "--iters", "300" if full else "30",
                         "--work", str(work / "recon"), "--out", str(out / "recon_speed.json")],
+        "ort_precision": ["ort_precision.py", "--work", str(work / "ortprec"), "--out", str(out / "ort_precision.json")],
         "quality": ["quality.py", "--rows", "standard", "--n", n, "--preset", "gpu" if full else "fast",
                     "--jobs", "2", "--threads", "1", "--work", str(work / "quality"),
                     "--out", str(out / "quality.json")] + ([] if full else ["--only", "ptq-w8a8,quest-w4a8"]),
@@ -58,7 +59,7 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out / "work"
-    order = ["export_sizes", "float_eval", "recon_speed", "quality", "engine_agreement"]
+    order = ["export_sizes", "ort_precision", "float_eval", "recon_speed", "quality", "engine_agreement"]
     scripts = {s.stem for s in HERE.glob("*.py")} - {"run_all"}
     missing = sorted(scripts - set(order))
     if missing:  # a new bench script must be added here, not forgotten

@@ -71,7 +71,7 @@ def guarded(fn):
 
 
 def recipe_options(fn):
-    """--model --cond --bits --preset --method --target --recipe --set --device --dump-recipe."""
+    """--model --cond --bits --preset --method --target --recipe --set --device --guidance --dump-recipe."""
     opts = [
         click.option("--model", default=None, help="bundled model (fmnist-cond, fmnist-uncond) or a diffusers folder"),
         click.option(
@@ -86,6 +86,13 @@ def recipe_options(fn):
         click.option("--recipe", "recipe_file", default=None, help="recipe JSON file (see --dump-recipe)"),
         click.option("--set", "sets", multiple=True, help="override a recipe field: --set quant.a_bits=4"),
         click.option("--device", default=None, help="auto | cpu | cuda"),
+        click.option(
+            "--guidance",
+            default=None,
+            type=float,
+            help="classifier-free guidance scale of calibration, finetuning, verify and sampling "
+            "(default: the model's quest_model.json, else 1 = off)",
+        ),
         click.option("--dump-recipe", is_flag=True, help="print the resolved recipe as JSON and exit"),
     ]
     for o in reversed(opts):
@@ -102,7 +109,8 @@ def work_option(fn):
 def _recipe(opts: dict):
     r = pipeline.resolve_recipe(model=opts.pop("model"), cond=opts.pop("cond"), bits=opts.pop("bits"),
                                 preset=opts.pop("preset"), method=opts.pop("method"), target=opts.pop("target"),
-                                recipe=opts.pop("recipe_file"), sets=opts.pop("sets"), device=opts.pop("device"))  # fmt: skip
+                                recipe=opts.pop("recipe_file"), sets=opts.pop("sets"), device=opts.pop("device"),
+                                guidance=opts.pop("guidance"))  # fmt: skip
     if opts.pop("dump_recipe"):
         click.echo(r.to_json(indent=2))
         sys.exit(0)
@@ -135,6 +143,9 @@ def _summary(summary) -> None:
     b = summary.stage("build")
     if b and b.detail.get("engine"):
         click.echo(f"TensorRT engine: {b.detail['engine']}")
+    sm = summary.recipe.sampler
+    off = " (classifier-free guidance off; --guidance sets it)" if sm.guidance_scale == 1.0 else ""
+    click.echo(f"sampling: {sm.sampler} {sm.steps} steps, eta {sm.eta}, guidance {sm.guidance_scale}{off}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -303,6 +314,11 @@ def verify(path, quantized, backend, device, manifest_only):
 @guarded
 def sample(path, n, out, seed, steps, backend, **opts):
     """Sample the float model (--model) with torch, or an export/bundle/engine DIR with the torch-free runtime."""
+    if path and opts.get("guidance") is not None:
+        raise click.UsageError(
+            "--guidance applies to --model sampling; an artifact samples with the guidance it "
+            "was built with (rebuild it with build --guidance)"
+        )
     if path:
         p = pipeline.sample_artifact(path, n=n, out=out, seed=seed, backend=backend, steps=steps)
     else:
@@ -315,14 +331,13 @@ def sample(path, n, out, seed, steps, backend, **opts):
 @click.option("--n", "n", default=1000, show_default=True, help="number of samples")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quantized", default=None, help="evaluate a quantized artifact instead of the float model")
-@click.option("--guidance", default=None, type=float, help="guidance scale (default: the model's)")
 @click.option("--steps", default=None, type=int, help="sampler steps (default: the model's)")
 @click.option("--grid", default=None, help="also write the first 100 samples as a PNG grid")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
-def eval_(n, seed, quantized, guidance, steps, grid, as_json, **opts):
+def eval_(n, seed, quantized, steps, grid, as_json, **opts):
     """FD (classifier features vs the Fashion-MNIST test set) and class agreement of n samples."""
-    rep = pipeline.evaluate(_recipe(opts), n=n, seed=seed, quantized=quantized, guidance=guidance, steps=steps,
+    rep = pipeline.evaluate(_recipe(opts), n=n, seed=seed, quantized=quantized, steps=steps,
                             grid=grid)  # fmt: skip
     if as_json:
         click.echo(json.dumps(rep, indent=2))

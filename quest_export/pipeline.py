@@ -35,7 +35,8 @@ BITS_PRESETS = tuple(BITS)
 
 def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: str | None = None,
                    preset: str | None = None, method: str | None = None, target: str | None = None,
-                   recipe: str | None = None, sets: tuple[str, ...] | list[str] = (), device: str | None = None) -> Recipe:  # fmt: skip
+                   recipe: str | None = None, sets: tuple[str, ...] | list[str] = (), device: str | None = None,
+                   guidance: float | None = None) -> Recipe:  # fmt: skip
     """Merge defaults, presets, the target profile, a recipe file and overrides; fill model defaults.
 
     ``None`` means "not given". Model-dependent defaults (sampler, family, timestep groups) are
@@ -50,6 +51,8 @@ def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: s
         shortcuts["quant"] = {"method": method}
     if device is not None:
         shortcuts["device"] = device
+    if guidance is not None:  # --guidance: the CFG weight of calibration, finetuning, verify and sampling
+        shortcuts["sampler"] = {"guidance_scale": float(guidance)}
     data = merge_layers(bits=bits, effort=preset, target=target, recipe_file=recipe, shortcuts=shortcuts, sets=sets)
     user = {}  # what the user set explicitly (recipe file and --set), to respect it below
     if recipe is not None:
@@ -341,6 +344,11 @@ def _export(r: _Run, paths):
 
     path = r.outs.get("export") or r.dirs.export / f"{r.tag}-{r.recipe.target.id}-{r.keys['export']}"
     _claim(r, "export", path)
+    q = r.recipe.quant
+    if r.recipe.export.scale_mode == "merged" and q.timestep_groups > 1 and q.a_bits <= 4:  # issue 20, 8a
+        log.warning("A%d with merged activation scales: one scale set for all %d timestep groups costs quality "
+                    "(docs/BENCHMARKS.md 2.6); --set export.scale_mode=per-group (or scale-input) keeps them exact",
+                    q.a_bits, q.timestep_groups)  # fmt: skip
     if r.reusable("export", path):
         m = json.loads((path / "manifest.json").read_text())
         return path, True, {"precision": m["precision"], "onnx": m["onnx"]}

@@ -216,3 +216,36 @@ def test_quantize_out_says_where_the_artifact_goes(model_dirs, tmp_path):
     result = invoke("--quiet", "export", "--model", model, *PTQ, "--target", "cpu", "--out", str(exp))
     assert result.exit_code == 0, result.output
     assert (exp / "model.onnx").is_file() and not (work / "runs" / "export").exists()
+
+
+@pytest.mark.parametrize("verb", ["build", "calibrate", "quantize", "export", "eval", "sample", "info"])
+def test_guidance_is_a_recipe_option_of_every_verb_that_samples(model_dirs, verb):
+    """--guidance (issue 20, 8b) sets sampler.guidance_scale, so it reaches calibration, finetuning and verify."""
+    base = invoke(verb, "--model", str(model_dirs["cond"]), "--dump-recipe")
+    res = invoke(verb, "--model", str(model_dirs["cond"]), "--guidance", "2.5", "--dump-recipe")
+    assert base.exit_code == 0 and res.exit_code == 0, res.output
+    assert Recipe.from_dict(json.loads(res.stdout)).sampler.guidance_scale == 2.5
+    assert Recipe.from_dict(json.loads(base.stdout)).sampler.guidance_scale != 2.5  # the model's default otherwise
+    assert (
+        Recipe.from_dict(json.loads(res.stdout)).fingerprint()
+        != Recipe.from_dict(json.loads(base.stdout)).fingerprint()
+    )
+
+
+def test_guidance_on_an_artifact_sample_is_refused(tmp_path):
+    res = invoke("sample", str(tmp_path), "--guidance", "2.0", "--out", str(tmp_path / "x.png"))
+    assert res.exit_code == 2 and "--guidance applies to --model sampling" in res.output
+
+
+@pytest.mark.parametrize("mode,warned", [("merged", True), ("per-group", False)])
+def test_merged_a4_scales_say_what_they_cost(model_dirs, tmp_path, caplog, mode, warned):
+    """Issue 20, 8a: a 4-bit-activation export with merged scales says so in one line; per-group does not."""
+    recipe = pipeline.resolve_recipe(model=str(model_dirs["uncond"]), bits="w4a4", method="ptq",
+                                     sets=["quant.timestep_groups=2", "ptq.adaround=false",
+                                           "calib.samples_per_group=4", f"export.scale_mode={mode}"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="quest_export.pipeline"):
+        pipeline.run(recipe, stages=("export",), work=tmp_path, show_progress=False)
+    lines = [r.getMessage() for r in caplog.records if "merged activation scales" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0), lines
+    if warned:
+        assert "export.scale_mode=per-group" in lines[0] and "\n" not in lines[0]
