@@ -61,8 +61,42 @@ def cond_files(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def bad_models(tmp_path_factory, models):
+    """Model folders and artifacts with one fault each: the cases that passed before issue 20, kept as regressions.
+    The pickle payload would create PWNED next to it if it were ever unpickled."""
+    import pickle
+    import shutil
+
+    root = tmp_path_factory.mktemp("fault-bad")
+    out = {}
+    for name in ("config", "trunc", "pickle"):
+        out[name] = root / name
+        shutil.copytree(models["uncond"], out[name])
+    (out["config"] / "unet" / "config.json").write_text("{not json")
+    w = out["trunc"] / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    (out["pickle"] / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {root / 'PWNED'}",))
+
+    (out["pickle"] / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    out["manifest"] = root / "bad-manifest"
+    out["manifest"].mkdir()
+    (out["manifest"] / "manifest.json").write_text("{bad")
+    out["tampered"] = root / "tampered"
+    out["tampered"].mkdir()
+    (out["tampered"] / "model.onnx").write_bytes(b"changed after the build")
+    (out["tampered"] / "manifest.json").write_text(json.dumps({"schema": 1, "stage": "export",
+                                                               "files": {"model.onnx": "0" * 64}}))  # fmt: skip
+    out["pwned"] = root / "PWNED"
+    return out
+
+
 @pytest.fixture
-def place(tmp_path, monkeypatch, models, cond_files):
+def place(tmp_path, monkeypatch, models, cond_files, bad_models):
     """The places a case names: {file} a plain file, {dir} a folder, {ro} a folder this user cannot write (0o500),
     {ok} a fresh path, {art} a folder with a manifest, {model}/{uncond} the tiny models, {cond_NAME} a
     conditioning file."""
@@ -81,7 +115,7 @@ def place(tmp_path, monkeypatch, models, cond_files):
     yield {"file": tmp_path / "file", "dir": tmp_path / "dir", "ro": tmp_path / "ro", "ok": tmp_path / "new",
            "art": tmp_path / "art", "vdir": tmp_path / "vdir",
            "model": models["cond"], "uncond": models["uncond"], "tmp": tmp_path,
-           **{f"cond:{k}": v for k, v in cond_files.items()}}  # fmt: skip
+           **{f"cond:{k}": v for k, v in cond_files.items()}, **{f"bad:{k}": v for k, v in bad_models.items()}}  # fmt: skip
     (tmp_path / "ro").chmod(0o700)
 
 
@@ -152,6 +186,24 @@ CASES = [
     ("cond-label-rows", ["info", "{model}", "--cond", "{cond_rows}"], 2, "'labels' has 3 names for 5 encoder_hidden_states rows"),
     ("cond-uncond-index", ["info", "{model}", "--cond", "{cond_uncond}"], 2, "uncond_index=7 is not a row (0..4)"),
     ("cond-unconditional-model", ["info", "{uncond}", "--cond", "{cond_good}"], 2, "is an unconditional UNet2DModel"),
+    # -- cases that already passed before issue 20, kept as regressions: bad models, bad recipes, bad artifacts
+    ("model-missing", ["info", "{ok}"], 2, "model '{ok}' not found"),
+    ("model-config-corrupt", ["info", "{bad_config}"], 2, "{bad_config}/unet/config.json is not readable JSON"),
+    ("model-weights-truncated", ["sample", "--model", "{bad_trunc}", "--out", "{ok}.png"], 2, "could not load the UNet weights in {bad_trunc}/unet"),
+    ("model-weights-pickle", ["sample", "--model", "{bad_pickle}", "--out", "{ok}.png"], 2, "only safetensors are loaded"),
+    ("set-unknown-key", ["info", "{uncond}", "--set", "quant.a_bitz=4"], 2, "did you mean 'quant.a_bits'"),
+    ("set-bad-value", ["info", "{uncond}", "--set", "quant.a_bits=99"], 2, "quant.a_bits=99 is out of range"),
+    ("bits-unknown", ["info", "{uncond}", "--bits", "w3a3"], 2, "w3a3"),
+    ("method-unknown", ["info", "{uncond}", "--method", "gptq"], 2, "gptq"),
+    ("target-unknown", ["info", "{uncond}", "--target", "tpu"], 2, "unknown target 'tpu'"),
+    ("artifact-manifest-corrupt", ["sample", "{bad_manifest}", "--out", "{ok}.png"], 2, "{bad_manifest}/manifest.json is corrupt"),
+    ("artifact-tampered", ["sample", "{bad_tampered}", "--out", "{ok}.png"], 2, "does not match its manifest hash"),
+    ("verify-tampered", ["verify", "{bad_tampered}", "--manifest-only"], 2, "does not match its manifest hash"),
+    ("cond-missing-file", ["info", "{model}", "--cond", "{ok}.safetensors"], 2, "--cond {ok}.safetensors: file not found"),
+    ("device-unknown", ["info", "{uncond}", "--device", "tpu"], 2, "device='tpu' is not allowed"),
+    ("lint-missing-model", ["lint", "{ok}.onnx", "--target", "cpu"], 2, "ONNX model {ok}.onnx does not exist"),
+    ("lint-not-onnx", ["lint", "{file}", "--target", "cpu"], 2, "{file} is not a readable ONNX model"),
+    ("report-not-an-artifact", ["report", "{dir}"], 2, "{dir} is not a quest-export artifact (no manifest.json)"),
 ]  # fmt: skip
 
 
@@ -166,6 +218,7 @@ def test_fault(case, argv, rc, fragment, place):
     after = tree(place["tmp"])
     assert not leftovers(place["tmp"]), leftovers(place["tmp"])
     assert after == before, sorted(set(after) ^ set(before))  # refused before any work: nothing written or changed
+    assert not place["bad:pwned"].exists(), "a pickle payload was executed"
 
 
 def test_the_good_conditioning_file_is_accepted(place):
