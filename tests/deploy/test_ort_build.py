@@ -16,7 +16,7 @@ from quest_export_runtime.session import OnnxRuntimeRunner
 from quest_export.deploy.ort import ort_engine_from_export
 from quest_export.errors import TargetError
 from quest_export.recipe.targets import load_target
-from tests.export.test_export import cosine, reference, workshop_for
+from tests.export.test_export import COSINE_MIN, cosine, reference, workshop_for
 
 # deploy.md O-2 at EXTENDED: the shipped graph is the export optimised once more at the same level, so both run the
 # same fused kernels. Measured on the tiny UNets (cond, uncond; W8A8, W4A8, W4A4): max |build - export| = 0.0 on
@@ -61,11 +61,8 @@ def test_build_writes_optimised_graph_and_session(shop, tmp_path, kind, bits):
     assert set(man["files"]) == on_disk - {"manifest.json"}
     session = json.loads((out / "session.json").read_text())
     assert session["graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
-    assert session["disabled_optimizers"] == ["QDQPropagationTransformer"]  # O-4
-    assert session["config"] == {
-        "session.qdq_matmulnbits_accuracy_level": "0",
-        "session.x64quantprecision": "1",
-    }  # O-5, O-8
+    assert session["disabled_optimizers"] == ["QDQPropagationTransformer", "QDQS8ToU8Transformer"]  # O-4, O-8
+    assert session["config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}  # O-5
     assert session["optimized"] is True and session == man["session"]
     shipped = onnx.load(str(out / "model.opt.onnx"))
     assert shipped.ir_version <= 10 and not [n for n in shipped.graph.node if n.domain == "com.microsoft.nchwc"]  # O-6
@@ -77,7 +74,8 @@ def test_build_writes_optimised_graph_and_session(shop, tmp_path, kind, bits):
     assert all(isinstance(v, int) and v > 0 for counts in entry.values() for v in counts.values())
     if bits == (8, 8):  # O-2: INT8 Q/DQ on the input of a MatMul fuses into MatMulIntegerToFloat at EXTENDED
         assert entry["extended"].get("com.microsoft.MatMulIntegerToFloat", 0) > 0  # measured 36 (cond), 12 (uncond)
-        assert entry["extended"]["DequantizeLinear"] < entry["before"]["DequantizeLinear"]
+        # with S8 kept (O-8) x86 fuses fewer MatMuls (measured cond 8, uncond 4) and may keep every DQ
+        assert entry["extended"]["DequantizeLinear"] <= entry["before"]["DequantizeLinear"]
     # the build carries the export's precision, io and references unchanged
     exp_man = read_manifest(exp, stage="export")
     for key in ("precision", "io", "groups", "sampler", "scheduler_config", "conditioning", "reference", "layers"):
@@ -97,7 +95,7 @@ def test_build_computes_what_the_export_computes(shop, tmp_path, kind, bits):
     built, exported = outputs(out / "model.opt.onnx", feeds), outputs(exp / "model.onnx", feeds)
     for b, e, r in zip(built, exported, fq):
         assert cosine(b, e) >= BUILD_VS_EXPORT_COSINE_MIN
-        assert cosine(b, r) >= BUILD_VS_EXPORT_COSINE_MIN  # and both are the fake-quant model
+        assert cosine(b, r) >= COSINE_MIN  # and both are the fake-quant model, up to the export's rounding flips
 
 
 def test_build_refuses_tensorrt_exports(shop, tmp_path):
@@ -137,4 +135,6 @@ def test_per_group_build_keeps_the_shared_weights(shop, tmp_path, kind):
         graph = out / man["graphs"][g]["file"]
         (got,) = outputs(graph, [feed])
         (from_export,) = outputs(exp / man["graphs"][g]["file"], [feed])
-        assert np.array_equal(got, from_export) and cosine(got, want) >= BUILD_VS_EXPORT_COSINE_MIN
+        # the build is the export exactly; export vs fake-quant has the export's bound (rounding flips: measured
+        # 0.999888 for one per-group cond feed on an AVX2 host)
+        assert np.array_equal(got, from_export) and cosine(got, want) >= COSINE_MIN

@@ -30,15 +30,16 @@ logger = logging.getLogger(__name__)
 
 # deploy.md O-4: ORT's QDQPropagationTransformer inserts Q nodes whose zero-point type breaks session creation on
 # Q/DQ graphs at EXTENDED/ALL; excluding it keeps QLinearConv fusion. Harmless on graphs without Q/DQ.
-ORT_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+# deploy.md O-8: on x86, QDQS8ToU8Transformer rewrites S8 activations to U8, and U8S8 kernels saturate on CPUs without
+# VNNI (AVX2, AVX-512 without VNNI). Measured on an AVX2 AMD EPYC, tiny UNets, W8A8 at EXTENDED (bench/ort_precision.py):
+# worst cosine to the fake-quant model 0.9922 (cond) / 0.9871 (uncond) with the rewrite, 0.99998 / 1.0 without. A
+# VNNI build host would also bake the rewrite into model.opt.onnx for devices without VNNI, so it is off everywhere:
+# S8S8 is exact on every CPU. (session.x64quantprecision=1, ORT's U8U8 switch, is exact too but fails session
+# creation on per-axis DQ graphs with zero points: tests/runtime/test_bundle.py.) Cost: fewer fused MatMuls on x86.
+ORT_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer", "QDQS8ToU8Transformer")
 # deploy.md O-5: DQ -> MatMulNBits at EXTENDED quantizes activations internally at the default accuracy level 4
 # (0.4 % error on INT8 weights); level 0 keeps float activations (<= 3e-6).
-# deploy.md O-8: x86 builds rewrite S8 activations to U8 (QDQS8ToU8Transformer) and U8S8 kernels saturate on CPUs
-# without VNNI (AVX2, AVX-512 without VNNI). Measured on an AVX2 AMD EPYC, tiny UNets, W8A8 at EXTENDED: cosine to
-# the fake-quant model 0.9922 (cond) / 0.9871 (uncond) by default, 0.99998 / 1.0 with x64quantprecision=1 (U8U8
-# kernels: the same fused graph, exact; ORT ignores it where VNNI makes U8S8 exact). A kernel choice, not a graph
-# rewrite, so every session sets it: the saved model.opt.onnx is the same either way.
-ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0", "session.x64quantprecision": "1"}
+ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 # deploy.md O-3: EXTENDED gives the fused INT8 kernels; ALL adds CPU-specific layout rewrites (NCHWc).
 ORT_DEFAULT_LEVEL = "ORT_ENABLE_EXTENDED"
 ORT_LEVEL_ALIASES = {"disable_all": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",

@@ -3,8 +3,8 @@
 // The C API is versioned: this file is compiled against headers of API version ORT_API_VERSION and
 // runs on any libonnxruntime of that version or newer; an older library is refused at Activate().
 // Session settings follow deploy.md §4: ORT_ENABLE_EXTENDED with QDQPropagationTransformer disabled
-// (O-4, ORT's QDQ propagation bug on Q/DQ UNets), MatMulNBits accuracy level 0 (O-2, O-5) and
-// session.x64quantprecision=1 (O-8: U8S8 saturates on x86 without VNNI).
+// (O-4, ORT's QDQ propagation bug on Q/DQ UNets) and QDQS8ToU8Transformer disabled (O-8: U8S8 saturates on x86
+// without VNNI; session.py says what was measured), MatMulNBits accuracy level 0 (O-2, O-5).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #include <onnxruntime_session_options_config_keys.h>
@@ -57,10 +57,8 @@ class OrtBackend : public Backend {
       env_ = SharedEnv();
       Ort::SessionOptions so;
       so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_EXTENDED);
-      so.AddConfigEntry(kOrtSessionOptionsDisableSpecifiedOptimizers, "QDQPropagationTransformer");
+      so.AddConfigEntry(kOrtSessionOptionsDisableSpecifiedOptimizers, "QDQPropagationTransformer,QDQS8ToU8Transformer");
       so.AddConfigEntry(kOrtSessionOptionsQDQMatMulNBitsAccuracyLevel, "0");
-      // U8U8 kernels: U8S8 saturates on x86 without VNNI (deploy.md O-8; session.py says what was measured)
-      so.AddConfigEntry(kOrtSessionOptionsAvx2PrecisionMode, "1");
       if (options_.intra_op_threads > 0) so.SetIntraOpNumThreads(options_.intra_op_threads);
       session_ = std::make_unique<Ort::Session>(*env_, options_.model_path.c_str(), so);
       Ort::AllocatorWithDefaultOptions alloc;
