@@ -157,9 +157,12 @@ def main(ctx, quiet: bool, debug: bool) -> None:
     """QuEST quantization of diffusers UNets, QDQ ONNX export, TensorRT / ONNX Runtime engines, verification."""
     ctx.obj = {"quiet": quiet, "debug": debug}
     _handle_signals(ctx)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    for noisy in ("diffusers", "torch", "polygraphy", "onnxscript", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO, format="%(message)s"
+    )
+    if not debug:  # --debug shows every library's messages (and ONNX Runtime's audit-session warnings, deploy/ort.py)
+        for noisy in ("diffusers", "torch", "polygraphy", "onnxscript", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     pipeline.set_quiet(quiet)
 
 

@@ -37,6 +37,10 @@ def _session_options(ort, level: str, optimized_path: Path | None = None):
         so.add_session_config_entry(k, v)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+        if LEVELS[level] == "ORT_ENABLE_ALL" and not logging.getLogger("quest_export").isEnabledFor(logging.DEBUG):
+            # issue 20, 9: saving the ALL-level graph of the fusion audit makes ORT warn that NCHWc layouts are
+            # hardware-specific; that graph is only counted, never shipped, so its warning is hidden (--debug shows it)
+            so.log_severity_level = 3
     return so
 
 
