@@ -161,7 +161,7 @@ def main(ctx, quiet: bool, debug: bool) -> None:
         level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO, format="%(message)s"
     )
     if not debug:  # --debug shows every library's messages (and ONNX Runtime's audit-session warnings, deploy/ort.py)
-        for noisy in ("diffusers", "torch", "polygraphy", "onnxscript", "httpx", "urllib3"):
+        for noisy in ("diffusers", "torch", "polygraphy", "onnxscript", "httpx", "urllib3", "wheel"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     pipeline.set_quiet(quiet)
 
