@@ -100,6 +100,23 @@ def recipe_options(fn):
     return fn
 
 
+def nproc_option(fn):
+    """--nproc N: run the command in N processes through torch.distributed's launcher (like torchrun)."""
+    return click.option("--nproc", type=int, default=None, metavar="N",
+                        help="processes on this host (torch.distributed: NCCL on GPUs, gloo on CPUs); "
+                        "torchrun --nproc-per-node N --no-python quest-export ... does the same")(fn)  # fmt: skip
+
+
+def _launch(nproc: int | None) -> bool:
+    """With --nproc N: run this very command line in N ranks and return True (the caller is done)."""
+    if nproc is None:
+        return False
+    from quest_export import dist
+
+    dist.launch(nproc, dist.strip_nproc(sys.argv[1:]))
+    return True
+
+
 def work_option(fn):
     """--work DIR: where calib/cache, runs/ and engines/out go (quest_export.workdir resolves the default)."""
     return click.option("--work", default=None, metavar="DIR",
@@ -214,9 +231,12 @@ def info(model_arg, as_json, **opts):
 @recipe_options
 @work_option
 @click.option("--out", default=None, help="calibration set folder (default WORK/calib/cache/<model>-<key>)")
+@nproc_option
 @guarded
-def calibrate(work, out, **opts):
+def calibrate(work, out, nproc, **opts):
     """Record the float model's UNet inputs along its own sampling trajectories (WORK/calib/cache/)."""
+    if _launch(nproc):
+        return
     _run("calibrate", opts, work=work, out=out)
 
 
@@ -226,9 +246,12 @@ def calibrate(work, out, **opts):
 @click.option("--force", multiple=True, help="redo a stage even if a finished one matches (calibrate, quantize)")
 @work_option
 @click.option("--out", default=None, help="quantized artifact folder (default WORK/runs/quantize/<tag>-<key>)")
+@nproc_option
 @guarded
-def quantize(resume, force, work, out, **opts):
+def quantize(resume, force, work, out, nproc, **opts):
     """Quantize with --method (a registered method: ptq, quest, ...; see --help), calibrating first if needed."""
+    if _launch(nproc):
+        return
     _run("quantize", opts, resume=resume, force=tuple(force), work=work, out=out)
 
 
@@ -264,8 +287,9 @@ def export(run_dir, work, out, **opts):
 @click.option("--resume", is_flag=True, help="continue an interrupted quantization")
 @click.option("--force", multiple=True, help="redo these stages (calibrate, quantize, export, build, verify, all)")
 @click.option("--allow-experimental", is_flag=True, help="build cells not yet verified on hardware (with --from)")
+@nproc_option
 @guarded
-def build(backend, work, out, from_bundle, resume, force, allow_experimental, **opts):
+def build(backend, work, out, from_bundle, resume, force, allow_experimental, nproc, **opts):
     """The main job: calibrate -> quantize -> export -> build -> verify, reusing finished stages.
 
     With no --model, the bundled default model; `quest-export build --target jetson` ends with a bundle
@@ -273,6 +297,8 @@ def build(backend, work, out, from_bundle, resume, force, allow_experimental, **
     """
     if from_bundle:
         sys.exit(pipeline.build_from_bundle(from_bundle, out=out, allow_experimental=allow_experimental))
+    if _launch(nproc):
+        return
     recipe = _recipe(opts)
     if backend == "trt" and not recipe.target.is_tensorrt:
         raise click.UsageError(f"--backend trt needs a TensorRT target; '{recipe.target.id}' runs ONNX Runtime")
@@ -282,6 +308,8 @@ def build(backend, work, out, from_bundle, resume, force, allow_experimental, **
     ctx = click.get_current_context()
     summary = pipeline.run(recipe, out=out, work=work, resume=resume, force=tuple(force),
                            show_progress=not ctx.obj["quiet"], backend=backend, on_stage=_print_stage)  # fmt: skip
+    if not pipeline.is_main_process():
+        return  # rank 0 reports for a distributed run
     _summary(summary)
     if summary.verify and not summary.verify.get("passed"):
         sys.exit(3)

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from quest_export import dist
 from quest_export.recipe.config import Recipe, to_jsonable
 from quest_export.recipe.methods import Method
 
@@ -68,7 +69,8 @@ class StagedRunner:
             report["stage_a"] = {"eps_mse": rep.eps_mse, "adaround": rep.adaround, "units": rep.units,
                                  "seconds": rep.seconds, **({"les": rep.les} if rep.les else {}),
                                  **({"pts": rep.pts} if rep.pts else {})}  # fmt: skip
-            if m.finetune:  # the resume point of a finetuning method
+            dist.broadcast_module_(qunet.unet, "the end of stage A")  # every rank trains from rank 0's model
+            if m.finetune and dist.world().main:  # the resume point of a finetuning method
                 save_quantized(qunet, stage_a_dir, recipe_fingerprint=rec.fingerprint(), quant=rec.quant,
                                model_ref=job.model_ref, sampler=to_jsonable(rec.sampler), stage="stage-a",
                                extra={"report": report})  # fmt: skip
@@ -79,6 +81,7 @@ class StagedRunner:
             fr = finetune_(qunet, teacher, job.calib, rec.finetune, family=rec.model.family, device=job.device,
                            ckpt_dir=job.work, resume=job.resume, pooled=rec.calib.group_pooled,
                            show_progress=job.show_progress)  # fmt: skip
+            dist.broadcast_module_(qunet.unet, "the end of finetuning")
             report["finetune"] = to_jsonable(fr.__dict__)
             report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, job.calib, device=job.device)
         return qunet, report

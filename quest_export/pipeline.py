@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from quest_export import __version__
+from quest_export import __version__, dist
 from quest_export.errors import ArtifactError, InputError, Interrupted
 from quest_export.recipe.config import Recipe, to_jsonable
 from quest_export.recipe.methods import get_method, method_names
@@ -209,6 +209,9 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     r = _Run(recipe, work=Path(work) if work else None, outs=outs, force=force, resume=resume,
              show_progress=show_progress)  # fmt: skip
     r.backend = backend
+    world = dist.init(r.device)  # a no-op unless torchrun / --nproc launched this process
+    r.show = r.show and world.main
+    parallel_last = "quantize" if "quantize" in needed else "calibrate"  # the stages every rank runs
     summary = RunSummary(recipe=recipe)
     method = get_method(recipe.quant.method)
     not_built = method.not_built if "quantize" in needed else None
@@ -222,6 +225,8 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     for name in ALL:
         if name not in needed:
             continue
+        if not dist.world().main and ALL.index(name) > ALL.index(parallel_last):
+            break  # rank 0 alone exports, builds and verifies
         t0 = time.time()
         fn = {"calibrate": _calibrate, "quantize": _quantize, "export": _export, "build": _build, "verify": _verify}[
             name
@@ -238,9 +243,16 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
         summary.stages.append(res)
         if name == "verify":
             summary.verify = detail
-        if on_stage is not None:
+        if on_stage is not None and dist.world().main:
             on_stage(res)
+        if name == parallel_last:
+            dist.finish()
     return summary
+
+
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of a distributed run (they neither write nor report)."""
+    return dist.world().main
 
 
 def _interrupted(r: _Run, stage: str, summary: RunSummary, e: KeyboardInterrupt) -> Interrupted:
@@ -270,7 +282,8 @@ def _claim(r: _Run, stage: str, path: Path) -> None:
     holds this stage's artifact of another recipe (a --out chosen twice)."""
     from quest_export_runtime.outputs import output_lock
 
-    r.locks.enter_context(output_lock(path))
+    if dist.world().main:  # rank 0 writes for every rank
+        r.locks.enter_context(output_lock(path))
     if not (path / "manifest.json").is_file() or stage in r.force or "all" in r.force:
         return
     try:
@@ -289,14 +302,23 @@ def _calibrate(r: _Run, paths):
 
     path = r.outs.get("calibrate") or r.dirs.calib_cache / f"{Path(r.recipe.model.name).name}-{r.keys['calibrate']}"
     _claim(r, "calibrate", path)
-    if r.reusable("calibrate", path):
+    if dist.broadcast_object(r.reusable("calibrate", path), "calibration"):  # rank 0 decides for every rank
         return path, True, {}
     s = r.recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    world = dist.world()
     cs = collect(r.model(), spec, trajectories=r.recipe.calib.samples_per_group, seed=r.recipe.calib.seed,
-                 device=r.device, show_progress=r.show)  # fmt: skip
-    cs.save(path, fingerprint=r.recipe.fingerprint())
-    _stamp(path, r.keys["calibrate"])
+                 device=r.device, show_progress=r.show, shard=(world.rank, world.size))  # fmt: skip
+    if world.active:  # each rank recorded its trajectories; rank 0 writes them in the one-process order
+        from quest_export.calib.collect import merge_shards
+
+        parts = dist.gather_object(cs, "calibration")
+        if world.main:
+            cs = merge_shards(parts)
+    if world.main:
+        cs.save(path, fingerprint=r.recipe.fingerprint())
+        _stamp(path, r.keys["calibrate"])
+    dist.barrier("calibration")
     return path, False, {"rows": int(cs.x.shape[0])}
 
 
@@ -308,13 +330,16 @@ def _quantize(r: _Run, paths):
     rec = r.recipe
     path = r.outs.get("quantize") or r.dirs.quantize / f"{r.tag}-{r.keys['quantize']}"
     _claim(r, "quantize", path)
-    if r.reusable("quantize", path):
+    if dist.broadcast_object(r.reusable("quantize", path), "quantize"):
         return path, True, {}
     calib = CalibrationSet.load(paths["calibrate"])
     work = path.with_name(path.name + ".work")
-    if work.exists() and not r.resume:
+    main = dist.world().main
+    if main and work.exists() and not r.resume:
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+    dist.barrier("quantize")
     try:
         model = r.model()
         runner = load_runner(get_method(rec.quant.method))
@@ -324,6 +349,11 @@ def _quantize(r: _Run, paths):
         r._model = None  # its UNet is quantized now
         qunet.unet.to("cpu")
         kept, run = split_run(report)  # the run fields go to the manifest's "run": a resumed run's quant.json is equal
+        if dist.world().size > 1:
+            run["world_size"] = dist.world().size
+        dist.barrier("quantize")
+        if not main:
+            return path, False, report
         save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=job.model_ref,
                        sampler=to_jsonable(rec.sampler), config=runner.config(rec),
                        extra={"report": kept, "calibration": str(paths["calibrate"])}, run={"report": run})  # fmt: skip

@@ -111,14 +111,17 @@ class CalibrationSet:
 
 
 def collect(model, spec: SamplerSpec, *, trajectories: int, seed: int = 0, device: str | torch.device = "cpu",
-            batch: int | None = None, show_progress: bool = True) -> CalibrationSet:  # fmt: skip
+            batch: int | None = None, show_progress: bool = True,
+            shard: tuple[int, int] = (0, 1)) -> CalibrationSet:  # fmt: skip
     """Run the float model's sampler and record every UNet input and output.
 
     Args:
         model: a ``quest_export.models.LoadedModel``.
         spec: the evaluation sampler (type, N, eta, guidance).
         trajectories: number of sampling trajectories (each CFG call adds an unconditional copy).
-        batch: trajectories per sampler run (None = all at once).
+        batch: trajectories per sampler run (None = all of this shard's at once).
+        shard: (rank, ranks): record trajectories rank, rank + ranks, ... only (a distributed run; their noise
+            and classes are those of the whole set). ``merge_shards`` puts the shards in the one-process order.
     """
     unet, cond = model.unet, model.conditioning
     gen = torch.Generator().manual_seed(seed)
@@ -146,12 +149,12 @@ def collect(model, spec: SamplerSpec, *, trajectories: int, seed: int = 0, devic
 
     handles = [unet.register_forward_pre_hook(pre_hook, with_kwargs=True),
                unet.register_forward_hook(hook, with_kwargs=True)]  # fmt: skip
-    bs = batch or trajectories
-    bar = progress(total=spec.steps * -(-trajectories // bs), description="calibrate", enabled=show_progress)
+    mine = torch.arange(shard[0], trajectories, shard[1])
+    bs = batch or max(1, mine.numel())
+    bar = progress(total=spec.steps * -(-mine.numel() // bs), description="calibrate", enabled=show_progress)
     try:
-        for start in range(0, trajectories, bs):
-            sl = slice(start, min(start + bs, trajectories))
-            traj = torch.arange(sl.start, sl.stop)
+        for start in range(0, mine.numel(), bs):
+            sl = traj = mine[start : start + bs]
             if cond is None:
                 state["rows"] = torch.full((len(traj),), -1, dtype=torch.long)
             elif guided:
@@ -167,7 +170,7 @@ def collect(model, spec: SamplerSpec, *, trajectories: int, seed: int = 0, devic
             sample(unet, model.info.scheduler_config, noise=noise[sl].to(device), spec=spec,
                    cond=None if cond is None else cond.rows(labels[sl]).to(device),
                    uncond=None if cond is None or cond.uncond is None else cond.uncond.to(device),
-                   variance_seed=seed + start, on_step=on_step)  # fmt: skip
+                   variance_seed=seed + int(traj[0]), on_step=on_step)  # fmt: skip
     finally:
         for hd in handles:
             hd.remove()
@@ -179,8 +182,8 @@ def collect(model, spec: SamplerSpec, *, trajectories: int, seed: int = 0, devic
         for lab in labels.tolist():
             hist[cond.labels[lab]] = hist.get(cond.labels[lab], 0) + 1
     out = CalibrationSet(
-        x=torch.cat(rec["x"]), t=torch.cat(rec["t"]), cond_index=torch.cat(rec["cond_index"]),
-        step=torch.cat(rec["step"]), traj=torch.cat(rec["traj"]), eps=torch.cat(rec["eps"]),
+        x=_cat(rec["x"], (0, c, h, w)), t=_cat(rec["t"], (0,)), cond_index=_cat(rec["cond_index"], (0,)),
+        step=_cat(rec["step"], (0,)), traj=_cat(rec["traj"], (0,)), eps=_cat(rec["eps"], (0, c, h, w)),
         cond_table=None if cond is None else cond.table.clone(),
         spec={"model": model.name, "model_hash": model.source_hash,
               "sampler": {"sampler": spec.sampler, "steps": spec.steps, "eta": spec.eta,
@@ -192,3 +195,29 @@ def collect(model, spec: SamplerSpec, *, trajectories: int, seed: int = 0, devic
     if out.x.shape[0] != out.eps.shape[0]:
         raise ArtifactError("calibration recorded inputs and outputs of different sizes; a UNet call failed midway")
     return out
+
+
+def _cat(parts: list[torch.Tensor], empty: tuple[int, ...]) -> torch.Tensor:
+    """Concatenate recorded rows; a shard with no trajectory records none."""
+    if parts:
+        return torch.cat(parts)
+    return torch.zeros(empty, dtype=torch.float32 if len(empty) > 1 else torch.long)
+
+
+def merge_shards(parts: list[CalibrationSet]) -> CalibrationSet:
+    """The shards of a distributed calibration (``collect(shard=...)``) as one set in the one-process order.
+
+    The one-process run records, step by step, the unconditional copies of every trajectory, then the
+    conditional ones, each in trajectory order; the rows are sorted by that key, so every later seeded draw
+    picks the same rows whatever the number of ranks.
+    """
+    first = parts[0]
+    cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in ("x", "t", "cond_index", "step", "traj", "eps")}
+    n_traj = int(first.spec["trajectories"])
+    uncond = first.spec.get("uncond_index")
+    half = torch.ones_like(cat["step"])
+    if first.spec.get("guided") and uncond is not None:
+        half = (cat["cond_index"] != uncond).long()  # unconditional copies (0) before conditional rows (1)
+    key = (cat["step"] * 2 + half) * n_traj + cat["traj"]
+    order = torch.argsort(key, stable=True)
+    return dataclasses.replace(first, **{k: v[order] for k, v in cat.items()})

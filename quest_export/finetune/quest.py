@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from quest_export import dist
 from quest_export.calib.collect import CalibrationSet
 from quest_export.errors import RecipeError, TrainingDivergedError
 from quest_export.log import progress
@@ -134,6 +135,7 @@ class QuestFinetuner:
         self.opt_b: torch.optim.Optimizer | None = None
         self.opt_c: torch.optim.Optimizer | None = None
         self._first_loss: float | None = None
+        self._share = 1.0  # this rank's share of the current batch (quest_export.dist)
         self._first_step = True  # the first step of the run checks that every trainable tensor gets a gradient
         self._pending: list[tuple[torch.Tensor, str]] = []  # (loss, where) of steps not yet read back
         self._losses: list[float] = []  # losses read back since the stage loop last took them
@@ -142,7 +144,7 @@ class QuestFinetuner:
         self.graphs = graphs_usable(device, cfg.cuda_graphs)
         # capturable Adam on every GPU run, graphs or not: its update arithmetic differs from the default one in the
         # last bits, so this keeps `cuda_graphs` a pure speed switch (same numbers either way)
-        self.capturable = graphs_usable(device, True)
+        self.capturable = str(device).startswith("cuda") and torch.cuda.is_available()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _batch(self, rows):
@@ -162,7 +164,11 @@ class QuestFinetuner:
         return eps, [hf.out[n].detach() for n in hooked]
 
     def _inputs(self, rows, *, hooked: list[str], w_loc: float, cache: dict | None = None, key=None) -> list:
-        """[x, t, cond, eps_fp, *refs] of one step; ``cache`` keeps the teacher's answers for rows that return."""
+        """[x, t, cond, eps_fp, *refs] of one step; ``cache`` keeps the teacher's answers for rows that return.
+
+        In a distributed run these are this rank's rows of the batch; ``self._share`` is their share of it.
+        """
+        rows, self._share = dist.share(rows)
         x, t, cond, eps = self._batch(rows)
         if w_loc <= 0:  # global only: the recorded float eps is the teacher's answer for exactly these inputs
             return [x, t, cond, eps]
@@ -187,9 +193,14 @@ class QuestFinetuner:
             loss = w_glob * torch.mean((eps_q - eps_fp) ** 2)
             if w_loc > 0:
                 loss = loss + w_loc * sum(torch.mean((hq.out[n] - r) ** 2) for n, r in zip(hooked, refs))
+            if dist.data_parallel():
+                loss = self._share * loss
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
+            if dist.data_parallel():  # gradients and the loss summed over ranks: the whole batch's step
+                params = [p for o in opts for grp in o.param_groups for p in grp["params"]]
+                loss = dist.sum_grads_(params, loss, what="finetuning")
             if self._first_step:  # eager: the first step of a run is never captured
                 self._assert_grads(opts)
                 self._first_step = False
@@ -254,7 +265,7 @@ class QuestFinetuner:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _save(self) -> None:
-        if self.ckpt is None:
+        if self.ckpt is None or not dist.world().main:  # rank 0 checkpoints for every rank
             return
         state = {"model": self.q.unet.state_dict(), "pos": dict(self.pos), "gen": self.gen.get_state(),
                  "opt_b": self.opt_b.state_dict() if self.opt_b else None,

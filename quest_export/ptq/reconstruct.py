@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from quest_export import dist
 from quest_export.log import progress
 from quest_export.ptq.steps import graphs_usable, run_steps
 from quest_export.ptq.units import Unit, capture_inputs, channel_sq_error
@@ -93,6 +94,16 @@ def adaround_unit(unit: Unit, qunet: QuantizedUNet, inputs, target: torch.Tensor
         on.copy_(on_all[it])
 
     def step() -> None:
+        if dist.data_parallel():  # this rank's rows, weighted by their share; the regulariser split evenly
+            local, share = dist.share(idx)
+            loss = share * recon(local)
+            rounding = sum((1 - (2 * wq.soft_h - 1).abs().pow(beta)).sum() for wq, _ in pairs)
+            loss = loss + (reg * on / dist.world().size) * rounding
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.sum_grads_(alphas, what="AdaRound")
+            opt.step()
+            return
         loss = recon(idx)  # sets each quantizer's soft_h = h(alpha), which the regulariser reuses
         rounding = sum((1 - (2 * wq.soft_h - 1).abs().pow(beta)).sum() for wq, _ in pairs)
         loss = loss + (reg * on) * rounding  # zero during the warm-up
@@ -154,13 +165,17 @@ def reconstruct_act_scales_(qunet: QuantizedUNet, units: list[Unit], batches, ru
             def prepare(it: int, idx=idx, idx_all=idx_all) -> None:
                 idx.copy_(idx_all[it])
 
-            def step(idx=idx, qs=qs, opt=opt, target=target, inputs=inputs, unit=unit) -> None:
-                args, kwargs = inputs.select(idx, device)
+            def step(idx=idx, qs=qs, opt=opt, target=target, inputs=inputs, unit=unit, params=params) -> None:
+                rows, share = dist.share(idx)  # (idx, 1.0) in a one-process run
+                args, kwargs = inputs.select(rows, device)
                 out = unit.module(*args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
-                loss = (out - target[idx].to(device)).abs().pow(p).mean()
+                loss = (out - target[rows].to(device)).abs().pow(p).mean()
+                if dist.data_parallel():
+                    loss = share * loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                dist.sum_grads_(params, what="activation-scale reconstruction")
                 opt.step()
                 for q in qs:
                     q.clamp_scales_()

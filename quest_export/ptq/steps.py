@@ -25,8 +25,10 @@ WARMUP = 3  # eager steps on a side stream before capture (lazy optimizer state,
 
 
 def graphs_usable(device, enabled: bool) -> bool:
-    """True when steps on ``device`` may be replayed as CUDA graphs."""
-    return bool(enabled) and str(device).startswith("cuda") and torch.cuda.is_available()
+    """True when steps on ``device`` may be replayed as CUDA graphs (not in a distributed run: quest_export.dist)."""
+    from quest_export import dist
+
+    return bool(enabled) and str(device).startswith("cuda") and torch.cuda.is_available() and not dist.data_parallel()
 
 
 def run_steps(step: Callable[[], None], prepare: Callable[[int], None], iters: int, *, graph: bool) -> str:
