@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -237,6 +237,32 @@ class QuantizedUNet:
             for q, e in zip(wqs, prev[0]):
                 q.enabled = e
             for q, e in zip(aqs, prev[1]):
+                q.enabled = e
+
+    @contextlib.contextmanager
+    def override(self, enabled: Callable[[int, str, str], bool]) -> Iterator[None]:
+        """Per-call, per-quantizer switch (ablations): inside the block, before every UNet call, the quantizer
+        named ``name`` (its module path, e.g. ``up_blocks.0.resnets.0.conv1.input_quantizer``) of ``kind``
+        "weight" or "act" is on iff ``enabled(g, name, kind)``, g being the call's timestep group. Restores the
+        previous flags after the block. A switched-off weight quantizer passes the latent weight through."""
+        wqs, aqs = self.weight_quantizers(), self.act_quantizers()
+        qs = [(q, n, "weight") for n, q in wqs.items()] + [(q, n, "act") for n, q in aqs.items()]
+        prev = [q.enabled for q, _, _ in qs]
+        table: dict[int, list[bool]] = {}  # group -> flags, in the order of qs
+
+        def apply(module, args):  # registered after _select_group, so ctx.group is the call's group
+            g = self.ctx.group
+            if g not in table:
+                table[g] = [bool(enabled(g, n, k)) for _, n, k in qs]
+            for (q, _, _), e in zip(qs, table[g]):
+                q.enabled = e
+
+        handle = self.unet.register_forward_pre_hook(apply)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for (q, _, _), e in zip(qs, prev):
                 q.enabled = e
 
     @contextlib.contextmanager

@@ -423,3 +423,48 @@ def test_frozen_weight_cache_follows_every_change():
     assert torch.equal(wq(w), fake_quant(w, wq.scale, 0.0, -8, 7))  # latent path
     wq.freeze(w * 0.5)
     assert torch.equal(wq(w), fake_quant(w * 0.5, wq.scale, 0.0, -8, 7))
+
+
+@torch.no_grad()
+def test_override_switches_quantizers_per_group_and_layer():
+    """``QuantizedUNet.override``: the rule sees the call's timestep group and each quantizer's name and kind; all
+    on is FULL, all off is FP, a group-only rule quantizes that group's calls alone; flags come back afterwards."""
+    unet = make_unet("uncond")
+    x, _, _ = inputs(unet, batch=2, seed=5)
+    t_early, t_late = torch.full((2,), 900), torch.full((2,), 300)  # groups 0 and 1 of [800, 400]
+    q = quantize_(unet, QuantRecipe(method="ptq", w_bits=4, a_bits=4), group_timesteps=[800, 400])
+    init_weights_(q, method="absmax")
+    for g, t in ((0, t_early), (1, t_late)):
+        with q.ctx.select(g), q.calibrating(method="minmax"):
+            unet(x, t)
+    full = {g: unet(x, t).sample for g, t in ((0, t_early), (1, t_late))}
+    with q.mode(QuantMode.FP):
+        fp = {g: unet(x, t).sample for g, t in ((0, t_early), (1, t_late))}
+    with q.mode(QuantMode.WEIGHT_ONLY):
+        w_only = unet(x, t_late).sample
+    assert not torch.equal(full[0], fp[0]) and not torch.equal(full[1], fp[1])
+    with q.override(lambda g, name, kind: True):
+        assert torch.equal(unet(x, t_early).sample, full[0])
+    with q.override(lambda g, name, kind: False):
+        assert torch.equal(unet(x, t_late).sample, fp[1])
+    with q.override(lambda g, name, kind: g == 1):  # quantized in group 1 only
+        assert torch.equal(unet(x, t_early).sample, fp[0])
+        assert torch.equal(unet(x, t_late).sample, full[1])
+    with q.override(lambda g, name, kind: kind == "weight"):
+        assert torch.equal(unet(x, t_late).sample, w_only)
+    # one layer set kept float: the same as switching its quantizers off by hand
+    up = [m for n, m in list(q.weight_quantizers().items()) + list(q.act_quantizers().items())
+          if n.startswith("up_blocks.")]  # fmt: skip
+    assert up
+    with q.override(lambda g, name, kind: not name.startswith("up_blocks.")):
+        part = unet(x, t_late).sample
+        assert not any(m.enabled for m in up)
+    assert all(m.enabled for m in up)  # restored
+    for m in up:
+        m.enabled = False
+    try:
+        assert torch.equal(unet(x, t_late).sample, part)
+    finally:
+        for m in up:
+            m.enabled = True
+    assert not torch.equal(part, full[1]) and not torch.equal(part, fp[1])
