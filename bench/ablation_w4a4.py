@@ -13,8 +13,9 @@ the recipe's sampler) with a rule that says, per UNet call, which quantizers are
     only-g<k> / float-g<k>                    quantized only in timestep group k's steps / everywhere but there
     float-<set>[-weights|-acts]               the quantizers of one layer set off (float), the rest quantized
 
-"float" here is the artifact's own latent weights with the quantizers off (QuantMode.FP per layer); the row
-``float-model`` samples the bundled float UNet for comparison. Every variant is scored by FD and by PSNR/SSIM of
+"float" for a layer means its quantizers off and the bundled float model's weight and bias (times its LES gamma)
+in place of the latent ones, which QuEST's finetuning moved (``QuantizedUNet.override(..., reference=float UNet)``);
+``fp-latent`` is every quantizer off with the latent weights kept, and ``float-model`` the bundled float UNet. Every variant is scored by FD and by PSNR/SSIM of
 its samples against the float model's samples from the same noise. Variants run in parallel worker processes
 (one GPU is shared), each loading the artifact once; every finished variant is written at once, so a run cut
 short keeps what it finished. Prints a Markdown table per method; writes every number to ``--out``.
@@ -53,7 +54,10 @@ LAYER_SETS = {
     "resamplers": lambda p: ".downsamplers." in p or ".upsamplers." in p,
     "temporal": lambda p: p.startswith("time_embedding.") or p.endswith(".time_emb_proj"),
     "first-last": lambda p: p in ("conv_in", "conv_out"),
+    "conv_in": lambda p: p == "conv_in",
+    "conv_out": lambda p: p == "conv_out",
 }
+LATENT = {"fp-latent"}  # variants that keep the latent weights of layers whose weight quantizers are off
 SPLIT_SETS = ("up_blocks", "up_blocks.0", "down_blocks")  # also measured with only weights / only activations float
 
 
@@ -61,7 +65,8 @@ def variants(groups: int) -> dict[str, tuple[str, object]]:
     """Variant name -> (what it is, rule(g, quantizer_name, kind) -> on), in the order they run."""
     v: dict[str, tuple[str, object]] = {
         "full": ("every quantizer on (the method's row)", lambda g, n, k: True),
-        "fp": ("every quantizer off (latent weights in float)", lambda g, n, k: False),
+        "fp": ("every quantizer off (float weights: the float model)", lambda g, n, k: False),
+        "fp-latent": ("every quantizer off, the finetuned latent weights kept", lambda g, n, k: False),
         "weights-only": ("weight quantizers on, activations float", lambda g, n, k: k == "weight"),
         "acts-only": ("activation quantizers on, weights float", lambda g, n, k: k == "act"),
     }
@@ -132,8 +137,11 @@ def sample_worker(args) -> None:
     device = pipeline.resolve_device(recipe)
     spec = _spec(recipe)
     ref = np.load(args.ref) if args.ref else None
+    from quest_export.models import load_model
+
     art = load_quantized(args.artifact_path, device=device)
     qunet = art.qunet
+    reference = load_model(recipe.model.name, cond=recipe.model.cond, device=device).unet  # untouched float weights
     table = variants(qunet.ctx.count)
     last = 0.0
     for name in args.run.split(","):
@@ -145,7 +153,7 @@ def sample_worker(args) -> None:
             continue
         what, rule = table[name]
         t0 = time.time()
-        with torch.no_grad(), qunet.override(rule):
+        with torch.no_grad(), qunet.override(rule, reference=None if name in LATENT else reference):
             imgs, labels = generate(qunet.unet, art.model, spec, n=args.n, seed=args.seed, batch=args.batch,
                                     device=device, show_progress=False)  # fmt: skip
         fd, agree = score(imgs, labels, device=device)

@@ -468,3 +468,39 @@ def test_override_switches_quantizers_per_group_and_layer():
         for m in up:
             m.enabled = True
     assert not torch.equal(part, full[1]) and not torch.equal(part, fp[1])
+
+
+@torch.no_grad()
+def test_override_with_reference_computes_float_layers_with_the_float_weights():
+    """Finetuning moves latent weights (quest.md 5): with ``reference`` a layer whose weight quantizers are off runs
+    the float weight and bias (times its LES gamma), so all-off is the float model even after folds and drift;
+    without it, all-off is FP mode on the moved weights. Parameters come back after the block."""
+    from quest_export.pipeline import resolve_recipe
+    from quest_export.ptq.les import fold_les_, les_layers
+
+    ref = tiny_uncond_unet()
+    unet = tiny_uncond_unet()
+    q = quantize_(unet, resolve_recipe(method="dmq", bits="w4a6").quant, group_timesteps=[800, 400])
+    g = torch.Generator().manual_seed(3)
+    for m in les_layers(unet):
+        fold_les_(m, torch.exp(torch.empty_like(m.les_scale).uniform_(-1.4, 1.4, generator=g)))
+    moved = list(q.layers().values())[:6]
+    for m in moved:  # what Stages B/C do to the latent weights and biases of the layers they train
+        m.weight.add_(0.05 * torch.randn(m.weight.shape, generator=g))
+        if m.bias is not None:
+            m.bias.add_(0.05 * torch.randn(m.bias.shape, generator=g))
+    latent = {n: (m.weight, m.bias) for n, m in q.layers().items()}
+    x, t, _ = inputs(unet, batch=2, seed=6)
+    want = ref(x, t).sample
+    with q.mode(QuantMode.FP):
+        fp = unet(x, t).sample
+    assert (fp - want).abs().max().item() > 100 * FP_ATOL  # the moved weights change the float function
+    with q.override(lambda g, n, k: False, reference=ref):
+        got = unet(x, t).sample
+    assert (got - want).abs().max().item() <= 10 * FP_ATOL
+    with q.override(lambda g, n, k: False):
+        assert torch.equal(unet(x, t).sample, fp)
+    assert all(m.weight is latent[n][0] and m.bias is latent[n][1] for n, m in q.layers().items())
+    with q.override(lambda g, n, k: k == "act", reference=ref):  # weights float, activations quantized
+        a_only = unet(x, t).sample
+    assert not torch.equal(a_only, got)
