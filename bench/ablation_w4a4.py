@@ -85,6 +85,18 @@ def variants(groups: int) -> dict[str, tuple[str, object]]:
                                    lambda g, n, k, pred=pred: not (k == "weight" and pred(_owner(n))))  # fmt: skip
         v[f"float-{s}-acts"] = (f"{s}: activations float, weights quantized",
                                 lambda g, n, k, pred=pred: not (k == "act" and pred(_owner(n))))  # fmt: skip
+    for s, pred in LAYER_SETS.items():  # activations alone: the weights stay as finetuned (no co-adaptation broken)
+        if s not in SPLIT_SETS:
+            v[f"float-{s}-acts"] = (f"{s}: activations float, weights quantized",
+                                    lambda g, n, k, pred=pred: not (k == "act" and pred(_owner(n))))  # fmt: skip
+    last = groups - 1
+    v[f"float-acts-g{last}"] = (f"every activation float in group {last} only, weights quantized",
+                                lambda g, n, k: k == "weight" or g != last)  # fmt: skip
+    v[f"float-acts-g0-{last - 1}"] = (f"every activation float in groups 0..{last - 1}, weights quantized",
+                                      lambda g, n, k: k == "weight" or g == last)  # fmt: skip
+    v[f"float-up_blocks-acts-g{last}"] = (f"up_blocks activations float in group {last} only",
+                                          lambda g, n, k: not (k == "act" and g == last
+                                                               and _owner(n).startswith("up_blocks.")))  # fmt: skip
     return v
 
 

@@ -6,6 +6,7 @@ set -u
 LIMIT=${LIMIT:-560}
 METHODS=${METHODS:-"dmq+quest quest"}
 JOBS=${JOBS:-8}
+PER=${PER:-4}
 . tools/gpu_env.sh
 R=/tmp/abl; mkdir -p $R /tmp/art
 quant="" given=()
@@ -15,7 +16,7 @@ for m in $METHODS; do
   else quant="$quant,$m"; fi
 done
 timeout $(( $(left) - 8 )) python3 bench/ablation_w4a4.py --methods "${quant#,}" "${given[@]}" ${VARIANTS:+--variants $VARIANTS} \
-  --preset gpu --n 1000 --jobs $JOBS --threads 1 --work /tmp/aw --artifact-tar $OUT --deadline $(( $(left) - 45 )) \
+  --preset gpu --n 1000 --jobs $JOBS --per-worker $PER --threads 1 --work /tmp/aw --artifact-tar $OUT --deadline $(( $(left) - 45 )) \
   --out $R/ablation.json > $R/ablation.log 2>&1
 tail -n 70 $R/ablation.log | cut -c1-200
 tar -C /tmp -czf $OUT/abl.tgz abl
