@@ -38,6 +38,10 @@ def commands(out: Path, full: bool, work: Path) -> dict[str, list[str] | str]:
         "quality": ["quality.py", "--rows", "standard", "--n", n, "--preset", "gpu" if full else "fast",
                     "--jobs", "2", "--threads", "1", "--work", str(work / "quality"),
                     "--out", str(out / "quality.json")] + ([] if full else ["--only", "ptq-w8a8,quest-w4a8"]),
+        "ablation_w4a4": ["ablation_w4a4.py", "--methods", "dmq+quest,quest" if full else "quest",
+                          "--preset", "gpu" if full else "fast", "--n", n, "--jobs", "6" if full else "2",
+                          "--work", str(work / "ablation"), "--out", str(out / "ablation_w4a4.json")]
+        + ([] if full else ["--variants", "full,fp,float-g9,only-g9,float-up_blocks"]),
     }  # fmt: skip
     builds = sorted((work / "sizes").glob("**/manifest.json"))
     cpu = [b.parent for b in builds if "cpu" in b.parent.name]
@@ -59,7 +63,8 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out / "work"
-    order = ["export_sizes", "ort_precision", "float_eval", "recon_speed", "quality", "engine_agreement"]
+    order = ["export_sizes", "ort_precision", "float_eval", "recon_speed", "quality", "ablation_w4a4",
+             "engine_agreement"]  # fmt: skip
     scripts = {s.stem for s in HERE.glob("*.py")} - {"run_all"}
     missing = sorted(scripts - set(order))
     if missing:  # a new bench script must be added here, not forgotten

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -238,6 +238,61 @@ class QuantizedUNet:
                 q.enabled = e
             for q, e in zip(aqs, prev[1]):
                 q.enabled = e
+
+    @contextlib.contextmanager
+    def override(self, enabled: Callable[[int, str, str], bool], *,
+                 reference: nn.Module | None = None) -> Iterator[None]:  # fmt: skip
+        """Per-call, per-quantizer switch (ablations): inside the block, before every UNet call, the quantizer
+        named ``name`` (its module path, e.g. ``up_blocks.0.resnets.0.conv1.input_quantizer``) of ``kind``
+        "weight" or "act" is on iff ``enabled(g, name, kind)``, g being the call's timestep group. Restores the
+        previous flags (and parameters) after the block.
+
+        A switched-off weight quantizer passes the layer's latent weight through, which QuEST's finetuning has
+        moved away from the float weight (it is tuned to be quantized). With ``reference`` (the float UNet this
+        one was quantized from: same module names, unmodified weights), a layer whose weight quantizers are all
+        off in a call computes with the reference's weight (times its LES gamma, so that its ``x / gamma`` input
+        stays exact) and bias instead: that layer is then the float layer."""
+        wqs, aqs = self.weight_quantizers(), self.act_quantizers()
+        qs = [(q, n, "weight") for n, q in wqs.items()] + [(q, n, "act") for n, q in aqs.items()]
+        prev = [q.enabled for q, _, _ in qs]
+        table: dict[int, list[bool]] = {}  # group -> flags, in the order of qs
+        swaps = []  # (layer, its weight quantizers, latent (weight, bias), float (weight, bias))
+        if reference is not None:
+            for name, layer in self.layers().items():
+                own = layer.weight_quantizers()
+                if not own:
+                    continue
+                ref = reference.get_submodule(name)
+                w = ref.weight.detach().to(layer.weight.device, layer.weight.dtype)
+                if layer.les_scale is not None:
+                    w = w * layer.les_scale.view((1, -1) + (1,) * (w.dim() - 2))
+                b = None if ref.bias is None else nn.Parameter(ref.bias.detach().to(w.device), requires_grad=False)
+                latent = (layer._parameters["weight"], layer._parameters.get("bias"))
+                swaps.append((layer, own, latent, (nn.Parameter(w, requires_grad=False), b)))
+
+        def apply(module, args):  # registered after _select_group, so ctx.group is the call's group
+            g = self.ctx.group
+            if g not in table:
+                table[g] = [bool(enabled(g, n, k)) for _, n, k in qs]
+            for (q, _, _), e in zip(qs, table[g]):
+                q.enabled = e
+            for layer, own, latent, flt in swaps:
+                w, b = flt if not any(q.enabled for q in own) else latent
+                layer._parameters["weight"] = w
+                if latent[1] is not None:
+                    layer._parameters["bias"] = b
+
+        handle = self.unet.register_forward_pre_hook(apply)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for (q, _, _), e in zip(qs, prev):
+                q.enabled = e
+            for layer, _, latent, _ in swaps:
+                layer._parameters["weight"] = latent[0]
+                if latent[1] is not None:
+                    layer._parameters["bias"] = latent[1]
 
     @contextlib.contextmanager
     def calibrating(self, *, method: str = "minmax", running_stat: bool = False, accumulate: bool = False,

@@ -423,3 +423,84 @@ def test_frozen_weight_cache_follows_every_change():
     assert torch.equal(wq(w), fake_quant(w, wq.scale, 0.0, -8, 7))  # latent path
     wq.freeze(w * 0.5)
     assert torch.equal(wq(w), fake_quant(w * 0.5, wq.scale, 0.0, -8, 7))
+
+
+@torch.no_grad()
+def test_override_switches_quantizers_per_group_and_layer():
+    """``QuantizedUNet.override``: the rule sees the call's timestep group and each quantizer's name and kind; all
+    on is FULL, all off is FP, a group-only rule quantizes that group's calls alone; flags come back afterwards."""
+    unet = make_unet("uncond")
+    x, _, _ = inputs(unet, batch=2, seed=5)
+    t_early, t_late = torch.full((2,), 900), torch.full((2,), 300)  # groups 0 and 1 of [800, 400]
+    q = quantize_(unet, QuantRecipe(method="ptq", w_bits=4, a_bits=4), group_timesteps=[800, 400])
+    init_weights_(q, method="absmax")
+    for g, t in ((0, t_early), (1, t_late)):
+        with q.ctx.select(g), q.calibrating(method="minmax"):
+            unet(x, t)
+    full = {g: unet(x, t).sample for g, t in ((0, t_early), (1, t_late))}
+    with q.mode(QuantMode.FP):
+        fp = {g: unet(x, t).sample for g, t in ((0, t_early), (1, t_late))}
+    with q.mode(QuantMode.WEIGHT_ONLY):
+        w_only = unet(x, t_late).sample
+    assert not torch.equal(full[0], fp[0]) and not torch.equal(full[1], fp[1])
+    with q.override(lambda g, name, kind: True):
+        assert torch.equal(unet(x, t_early).sample, full[0])
+    with q.override(lambda g, name, kind: False):
+        assert torch.equal(unet(x, t_late).sample, fp[1])
+    with q.override(lambda g, name, kind: g == 1):  # quantized in group 1 only
+        assert torch.equal(unet(x, t_early).sample, fp[0])
+        assert torch.equal(unet(x, t_late).sample, full[1])
+    with q.override(lambda g, name, kind: kind == "weight"):
+        assert torch.equal(unet(x, t_late).sample, w_only)
+    # one layer set kept float: the same as switching its quantizers off by hand
+    up = [m for n, m in list(q.weight_quantizers().items()) + list(q.act_quantizers().items())
+          if n.startswith("up_blocks.")]  # fmt: skip
+    assert up
+    with q.override(lambda g, name, kind: not name.startswith("up_blocks.")):
+        part = unet(x, t_late).sample
+        assert not any(m.enabled for m in up)
+    assert all(m.enabled for m in up)  # restored
+    for m in up:
+        m.enabled = False
+    try:
+        assert torch.equal(unet(x, t_late).sample, part)
+    finally:
+        for m in up:
+            m.enabled = True
+    assert not torch.equal(part, full[1]) and not torch.equal(part, fp[1])
+
+
+@torch.no_grad()
+def test_override_with_reference_computes_float_layers_with_the_float_weights():
+    """Finetuning moves latent weights (quest.md 5): with ``reference`` a layer whose weight quantizers are off runs
+    the float weight and bias (times its LES gamma), so all-off is the float model even after folds and drift;
+    without it, all-off is FP mode on the moved weights. Parameters come back after the block."""
+    from quest_export.pipeline import resolve_recipe
+    from quest_export.ptq.les import fold_les_, les_layers
+
+    ref = tiny_uncond_unet()
+    unet = tiny_uncond_unet()
+    q = quantize_(unet, resolve_recipe(method="dmq", bits="w4a6").quant, group_timesteps=[800, 400])
+    g = torch.Generator().manual_seed(3)
+    for m in les_layers(unet):
+        fold_les_(m, torch.exp(torch.empty_like(m.les_scale).uniform_(-1.4, 1.4, generator=g)))
+    moved = list(q.layers().values())[:6]
+    for m in moved:  # what Stages B/C do to the latent weights and biases of the layers they train
+        m.weight.add_(0.05 * torch.randn(m.weight.shape, generator=g))
+        if m.bias is not None:
+            m.bias.add_(0.05 * torch.randn(m.bias.shape, generator=g))
+    latent = {n: (m.weight, m.bias) for n, m in q.layers().items()}
+    x, t, _ = inputs(unet, batch=2, seed=6)
+    want = ref(x, t).sample
+    with q.mode(QuantMode.FP):
+        fp = unet(x, t).sample
+    assert (fp - want).abs().max().item() > 100 * FP_ATOL  # the moved weights change the float function
+    with q.override(lambda g, n, k: False, reference=ref):
+        got = unet(x, t).sample
+    assert (got - want).abs().max().item() <= 10 * FP_ATOL
+    with q.override(lambda g, n, k: False):
+        assert torch.equal(unet(x, t).sample, fp)
+    assert all(m.weight is latent[n][0] and m.bias is latent[n][1] for n, m in q.layers().items())
+    with q.override(lambda g, n, k: k == "act", reference=ref):  # weights float, activations quantized
+        a_only = unet(x, t).sample
+    assert not torch.equal(a_only, got)
