@@ -111,9 +111,7 @@ def _launch(nproc: int | None) -> bool:
     """With --nproc N: run this very command line in N ranks and return True (the caller is done)."""
     if nproc is None:
         return False
-    from quest_export import dist
-
-    dist.launch(nproc, dist.strip_nproc(sys.argv[1:]))
+    pipeline.launch(nproc, sys.argv[1:])
     return True
 
 

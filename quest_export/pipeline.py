@@ -250,6 +250,11 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     return summary
 
 
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run the command line ``argv`` (without its --nproc) in ``nproc`` ranks on this host (quest_export.dist)."""
+    dist.launch(nproc, dist.strip_nproc(argv))
+
+
 def is_main_process() -> bool:
     """False on the ranks other than 0 of a distributed run (they neither write nor report)."""
     return dist.world().main
