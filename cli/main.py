@@ -375,12 +375,17 @@ def lint(model_path, target, layers, as_json):
 
 @main.command()
 @click.argument("path", metavar="DIR")
-@click.option("--out", default=None, help="Markdown file (default DIR/report.md)")
+@click.option("--out", default=None, help="Markdown file (default DIR/report.md); the HTML page and PNGs go beside it")
+@click.option("--images", default=16, show_default=True, help="float vs quantized samples in the grid (0: no grid)")
+@click.option("--seed", default=0, show_default=True, help="noise seed of the sample grid")
+@click.option("--device", default="cpu", show_default=True)
 @guarded
-def report(path, out):
-    """Summarise a build folder (manifest, precision, fusion audit, verify.json) as Markdown."""
-    p = pipeline.write_report(path, out=out)
-    click.echo(f"wrote {p}")
+def report(path, out, images, seed, device):
+    """Report a quantize run dir, export, ORT build or bundle: report.md, a self-contained report.html and the
+    figures as PNG (sample grid, activation histograms per timestep group, per-layer SQNR, verify tiers, size and
+    latency)."""
+    p = pipeline.write_report(path, out=out, images=images, seed=seed, device=device)
+    click.echo(f"wrote {p.with_suffix('.md')} and {p}")
 
 
 if __name__ == "__main__":

@@ -326,7 +326,8 @@ def _quantize(r: _Run, paths):
         kept, run = split_run(report)  # the run fields go to the manifest's "run": a resumed run's quant.json is equal
         save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=job.model_ref,
                        sampler=to_jsonable(rec.sampler), config=runner.config(rec),
-                       extra={"report": kept, "calibration": str(paths["calibrate"])}, run={"report": run})  # fmt: skip
+                       extra={"report": kept, "calibration": str(paths["calibrate"])}, run={"report": run},
+                       files=_stats_files(job.layer_stats))  # fmt: skip
         _stamp(path, r.keys["quantize"])
     except KeyboardInterrupt:
         if any(p.is_file() for p in work.rglob("*")):
@@ -336,6 +337,12 @@ def _quantize(r: _Run, paths):
         raise
     shutil.rmtree(work, ignore_errors=True)
     return path, False, report
+
+
+def _stats_files(doc: dict | None) -> dict[str, str]:
+    from quest_export.quant.layer_stats import STATS_FILE, dumps
+
+    return {STATS_FILE: dumps(doc)} if doc else {}
 
 
 def _export(r: _Run, paths):
@@ -634,7 +641,9 @@ def build_from_bundle(bundle: str | Path, *, out: str | Path | None = None, allo
     return trt_main(argv)
 
 
-def write_report(path: str | Path, *, out: str | Path | None = None) -> Path:
+def write_report(path: str | Path, *, out: str | Path | None = None, images: int = 16, seed: int = 0,
+                 device: str = "cpu") -> Path:  # fmt: skip
+    """report.md, report.html and the figure PNGs of a run dir, export, build or bundle; returns the HTML path."""
     from quest_export.report import write_report as _write
 
-    return _write(path, out=out)
+    return _write(path, out=out, images=images, seed=seed, device=device)
