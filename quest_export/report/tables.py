@@ -95,7 +95,8 @@ def worst_layers(stats: dict, *, limit: int = WORST) -> Table:
     rows = []
     for n in names:
         info = stats["layers"].get(n, {})
-        row = [n, f"{info.get('w_bits')}/{info.get('a_bits')}", _fmt_db(worst(recs[n]))]
+        bits = "/".join("-" if info.get(k) is None else str(info[k]) for k in ("w_bits", "a_bits"))  # -: float/shared
+        row = [n, bits, _fmt_db(worst(recs[n]))]
         if before:
             row.append(_fmt_db(worst(before.get(n, []))))
         rows.append(row)
