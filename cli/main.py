@@ -362,13 +362,43 @@ def sample(path, n, out, seed, steps, backend, **opts):
 @click.option("--quantized", default=None, help="evaluate a quantized artifact instead of the float model")
 @click.option("--steps", default=None, type=int, help="sampler steps (default: the model's)")
 @click.option("--grid", default=None, help="also write the first 100 samples as a PNG grid")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--methods", default=None, help="comma list: evaluate a matrix of these methods x --bits (a comma list)")
+@click.option("--json", "as_json", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="print JSON; with FILE write it there (a matrix also writes FILE's .csv)")  # fmt: skip
+@work_option
 @guarded
-def eval_(n, seed, quantized, steps, grid, as_json, **opts):
-    """FD (classifier features vs the Fashion-MNIST test set) and class agreement of n samples."""
-    rep = pipeline.evaluate(_recipe(opts), n=n, seed=seed, quantized=quantized, steps=steps,
-                            grid=grid)  # fmt: skip
-    if as_json:
+def eval_(n, seed, quantized, steps, grid, methods, as_json, work, **opts):
+    """FD (classifier features vs the Fashion-MNIST test set) and class agreement of n samples.
+
+    With --methods (or a comma list in --bits): one table of the float model and every method x bits row, all from
+    the same initial noise: FD and class agreement (Fashion-MNIST-shaped models; n/a elsewhere), PSNR and SSIM
+    against the float model's samples, wall time per row. Finished rows are reused by a rerun.
+    """
+    bits = opts.get("bits") or ""
+    if methods is not None or "," in bits:
+        if quantized or grid:
+            raise click.UsageError("--quantized and --grid evaluate one model; a matrix (--methods) takes neither")
+        if opts.pop("dump_recipe"):
+            opts["dump_recipe"] = True
+            _recipe({**opts, "bits": bits.split(",")[0] or None, "method": (methods or "").split(",")[0] or None})
+        base = {k: opts.pop(v) for k, v in (("model", "model"), ("cond", "cond"), ("preset", "preset"),
+                ("target", "target"), ("recipe", "recipe_file"), ("sets", "sets"), ("device", "device"),
+                ("guidance", "guidance"))}  # fmt: skip
+        method_list = [m for m in (methods or opts.get("method") or "").split(",") if m]
+        res = pipeline.evaluate_matrix(base, bits=[b for b in bits.split(",") if b], methods=method_list, n=n,
+                                       seed=seed, steps=steps, work=work,
+                                       json_path=None if as_json in (None, "-") else as_json,
+                                       show_progress=not click.get_current_context().obj["quiet"])  # fmt: skip
+        if as_json == "-":
+            click.echo(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2))
+            return
+        _matrix_table(res)
+        return
+    if work:
+        raise click.UsageError("--work applies to a matrix (--methods), whose rows quantize")
+    rep = pipeline.evaluate(_recipe(opts), n=n, seed=seed, quantized=quantized, steps=steps, grid=grid,
+                            json_path=None if as_json in (None, "-") else as_json)  # fmt: skip
+    if as_json == "-":
         click.echo(json.dumps(rep, indent=2))
         return
     agree = "n/a (unconditional)" if rep["class_agreement"] is None else f"{100 * rep['class_agreement']:.1f}%"
@@ -377,6 +407,22 @@ def eval_(n, seed, quantized, steps, grid, as_json, **opts):
                f"FD {rep['fd']:.2f}, class agreement {agree}  [{rep['n']} samples, seed {rep['seed']}, "
                f"{s['sampler']} {s['steps']} steps, eta {s['eta']}, guidance {s['guidance_scale']}, {rep['device']}, "
                f"{rep['seconds']:.0f}s]")  # fmt: skip
+
+
+def _matrix_table(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = res["sampler"]
+    t = Table(title=f"{res['model']}: {res['n']} samples, seed {res['seed']}, {s['sampler']} {s['steps']} steps, "
+                    f"guidance {s['guidance_scale']}, {res['device']}")  # fmt: skip
+    for col in ("method", "bits", "FD", "class agreement", "PSNR (dB)", "SSIM", "seconds"):
+        t.add_column(col)
+    for row in res["table"]:
+        t.add_row(*row)
+    Console(stderr=False).print(t)
+    for p in res.get("files", []):
+        click.echo(f"wrote {p}")
 
 
 @main.command()
@@ -401,12 +447,17 @@ def lint(model_path, target, layers, as_json):
 
 @main.command()
 @click.argument("path", metavar="DIR")
-@click.option("--out", default=None, help="Markdown file (default DIR/report.md)")
+@click.option("--out", default=None, help="Markdown file (default DIR/report.md); the HTML page and PNGs go beside it")
+@click.option("--images", default=16, show_default=True, help="float vs quantized samples in the grid (0: no grid)")
+@click.option("--seed", default=0, show_default=True, help="noise seed of the sample grid")
+@click.option("--device", default="cpu", show_default=True)
 @guarded
-def report(path, out):
-    """Summarise a build folder (manifest, precision, fusion audit, verify.json) as Markdown."""
-    p = pipeline.write_report(path, out=out)
-    click.echo(f"wrote {p}")
+def report(path, out, images, seed, device):
+    """Report a quantize run dir, export, ORT build or bundle: report.md, a self-contained report.html and the
+    figures as PNG (sample grid, activation histograms per timestep group, per-layer SQNR, verify tiers, size and
+    latency)."""
+    p = pipeline.write_report(path, out=out, images=images, seed=seed, device=device)
+    click.echo(f"wrote {p.with_suffix('.md')} and {p}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class QuantizeJob:
     work: Path  # scratch folder of this run (Stage A artifact, finetune checkpoints); removed on success
     resume: bool = False
     show_progress: bool = True
+    # filled by the runner: the layer_stats.json document (quest_export.quant.layer_stats) the artifact keeps
+    layer_stats: dict | None = None
 
     @property
     def model_ref(self) -> dict:
@@ -74,6 +76,9 @@ class StagedRunner:
                 save_quantized(qunet, stage_a_dir, recipe_fingerprint=rec.fingerprint(), quant=rec.quant,
                                model_ref=job.model_ref, sampler=to_jsonable(rec.sampler), stage="stage-a",
                                extra={"report": report})  # fmt: skip
+        from quest_export.quant.layer_stats import layer_snapshot, stats_document
+
+        snapshots = {"stage_a": layer_snapshot(qunet, job.calib, device=job.device)}  # before any finetuning
         if m.finetune and rec.finetune is not None:
             from quest_export.finetune import finetune_
             from quest_export.ptq.stage_a import eps_mse_per_group
@@ -84,6 +89,8 @@ class StagedRunner:
             dist.broadcast_module_(qunet.unet, "the end of finetuning")
             report["finetune"] = to_jsonable(fr.__dict__)
             report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, job.calib, device=job.device)
+            snapshots["finetuned"] = layer_snapshot(qunet, job.calib, device=job.device)
+        job.layer_stats = stats_document(snapshots, qunet)
         return qunet, report
 
     def config(self, recipe: Recipe) -> dict:

@@ -361,7 +361,8 @@ def _quantize(r: _Run, paths):
             return path, False, report
         save_quantized(qunet, path, recipe_fingerprint=rec.fingerprint(), quant=rec.quant, model_ref=job.model_ref,
                        sampler=to_jsonable(rec.sampler), config=runner.config(rec),
-                       extra={"report": kept, "calibration": str(paths["calibrate"])}, run={"report": run})  # fmt: skip
+                       extra={"report": kept, "calibration": str(paths["calibrate"])}, run={"report": run},
+                       files=_stats_files(job.layer_stats))  # fmt: skip
         _stamp(path, r.keys["quantize"])
     except KeyboardInterrupt:
         if any(p.is_file() for p in work.rglob("*")):
@@ -371,6 +372,12 @@ def _quantize(r: _Run, paths):
         raise
     shutil.rmtree(work, ignore_errors=True)
     return path, False, report
+
+
+def _stats_files(doc: dict | None) -> dict[str, str]:
+    from quest_export.quant.layer_stats import STATS_FILE, dumps
+
+    return {STATS_FILE: dumps(doc)} if doc else {}
 
 
 def _export(r: _Run, paths):
@@ -612,7 +619,7 @@ def sample_artifact(path: str | Path, *, n: int, out: str | Path, seed: int = 0,
 
 def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = None, grid: str | None = None,
              guidance: float | None = None, steps: int | None = None, batch: int = 250,
-             merge_groups: bool = False) -> dict:  # fmt: skip
+             merge_groups: bool = False, json_path: str | Path | None = None) -> dict:  # fmt: skip
     """FD and class agreement of the float model (or of a quantized artifact) on n samples.
 
     ``merge_groups`` evaluates the quantized model with one merged scale set (the export's ``merged`` mode).
@@ -623,10 +630,12 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
     from quest_export.models.sampling import SamplerSpec
 
     check_counts(n=n, steps=steps)
-    if grid:
-        from quest_export_runtime.outputs import check_output
+    from quest_export_runtime.outputs import check_output
 
+    if grid:
         grid = check_output(grid, "file")
+    if json_path:
+        json_path = check_output(json_path, "file")
     device = resolve_device(recipe)
     s = recipe.sampler
     spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
@@ -656,7 +665,31 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
         from quest_export_runtime.images import save_grid
 
         save_grid(imgs[:100], grid, nrow=10)
-    return {**rep.to_dict(), "model": model.name, "quantized": quantized, "device": device, "merged": merge_groups}
+    out = {**rep.to_dict(), "model": model.name, "quantized": quantized, "device": device, "merged": merge_groups}
+    if json_path:
+        from quest_export_runtime.manifest import write_json_atomic
+
+        write_json_atomic(json_path, out, allow_nan=False)
+    return out
+
+
+def evaluate_matrix(base: dict, *, bits: list[str], methods: list[str], n: int, seed: int = 0,
+                    json_path: str | Path | None = None, work: str | Path | None = None, steps: int | None = None,
+                    show_progress: bool = True) -> dict:  # fmt: skip
+    """The eval matrix (quest_export.evalmatrix): float + every method x bits row from the same noise; with
+    ``json_path`` also written as JSON and CSV (result["files"])."""
+    from quest_export.evalmatrix import run_matrix, table_rows, write_tables
+
+    if json_path is not None:  # refuse a bad output before any work
+        from quest_export_runtime.outputs import check_output
+
+        check_output(json_path, "file")
+    res = run_matrix(base, bits=bits, methods=methods, n=n, seed=seed, work=work, steps=steps,
+                     show_progress=show_progress)  # fmt: skip
+    if json_path is not None:
+        res["files"] = [str(p) for p in write_tables(res, json_path)]
+    res["table"] = table_rows(res)
+    return res
 
 
 def build_from_bundle(bundle: str | Path, *, out: str | Path | None = None, allow_experimental: bool = False) -> int:
@@ -669,7 +702,9 @@ def build_from_bundle(bundle: str | Path, *, out: str | Path | None = None, allo
     return trt_main(argv)
 
 
-def write_report(path: str | Path, *, out: str | Path | None = None) -> Path:
+def write_report(path: str | Path, *, out: str | Path | None = None, images: int = 16, seed: int = 0,
+                 device: str = "cpu") -> Path:  # fmt: skip
+    """report.md, report.html and the figure PNGs of a run dir, export, build or bundle; returns the HTML path."""
     from quest_export.report import write_report as _write
 
-    return _write(path, out=out)
+    return _write(path, out=out, images=images, seed=seed, device=device)

@@ -46,6 +46,11 @@ class WorkDirs:
         return self.root / "runs" / "export"
 
     @property
+    def eval(self) -> Path:
+        """Finished rows of `quest-export eval` matrices (quest_export.evalmatrix), reused by a rerun."""
+        return self.root / "runs" / "eval"
+
+    @property
     def engines(self) -> Path:
         return self.root / "engines" / "out"
 

@@ -140,3 +140,11 @@ def test_help_lists_every_verb(how):
     commands = proc.stdout.split("Commands:")[1]
     listed = re.findall(r"^\s{2}(\S+)", commands, flags=re.M)
     assert sorted(listed) == sorted(VERBS), listed
+
+
+@pytest.mark.parametrize("module", ["quest_export_runtime", *RUNTIME_MODULES, "quest_export.report", "cli.main"])
+def test_imports_with_matplotlib_blocked(module):
+    """matplotlib is for `quest-export report`'s figures only (quest_export.report.plots, imported when drawing):
+    the runtime distribution and the CLI never load it."""
+    proc = python(f"import sys; sys.modules['matplotlib'] = None; sys.modules['torch'] = None; import {module}")
+    assert proc.returncode == 0, f"{module} needs matplotlib (or torch) on import:\n{proc.stderr}"

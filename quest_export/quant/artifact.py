@@ -2,6 +2,8 @@
 
     quantized.safetensors   the whole state_dict: latent weights, integer weights (w_int, int8),
                             AdaRound bits, weight scales, per-group activation scales / zero points
+    layer_stats.json        per-layer, per-group activation histograms and SQNR after Stage A and after
+                            finetuning (quest_export.quant.layer_stats), read by the run report
     quant.json              the plan (every layer's bits and grid), group timesteps, the model it
                             came from (name, hash), the sampler and the conditioning source
     manifest.json           recipe fingerprint, hashes, versions (quest_export_runtime.manifest)
@@ -63,9 +65,11 @@ class QuantArtifact:
 
 def save_quantized(qunet: QuantizedUNet, out: str | Path, *, recipe_fingerprint: str, quant: QuantRecipe,
                    model_ref: dict, sampler: dict, stage: str = "quantize", config: dict | None = None,
-                   inputs: dict | None = None, extra: dict | None = None, run: dict | None = None) -> Path:  # fmt: skip
+                   inputs: dict | None = None, extra: dict | None = None, run: dict | None = None,
+                   files: dict[str, str] | None = None) -> Path:  # fmt: skip
     """Write the artifact folder ``out`` atomically. ``model_ref`` = {name, cond, hash}; ``run`` goes to the
-    manifest's ``run`` key (what is particular to this run, see ``split_run``)."""
+    manifest's ``run`` key (what is particular to this run, see ``split_run``); ``files`` = {name: text} are
+    further files of the artifact (e.g. layer_stats.json), hashed in the manifest like the others."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in qunet.unet.state_dict().items()}
@@ -80,6 +84,8 @@ def save_quantized(qunet: QuantizedUNet, out: str | Path, *, recipe_fingerprint:
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / STATE_FILE), metadata={"format": "quest-export fake-quant state"})
         (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         write_manifest(tmp, stage=stage, recipe_fingerprint=recipe_fingerprint, config=config, inputs=inputs, run=run)
     return Path(out)
 

@@ -1,63 +1,74 @@
-"""Turn a build folder's manifest and verify.json into report.md. Reads what the stages saved; no torch."""
+"""The run report of a quantize run dir, an export, an ORT build or a bundle: report.md and report.html.
+
+    write_report(DIR)   # DIR/report.md, DIR/report.html (self-contained), DIR/report-<figure>.png
+
+Jobs, one module each: gather (read what the stages saved; the quantize stage records layer_stats.json,
+quest_export.quant.layer_stats), samples (the only torch part: float and fake-quant samples of the run dir from
+the same noise, a few images), plots (matplotlib figures), tables, markdown and html (the two renderings).
+Importing this package needs neither torch nor matplotlib.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from quest_export_runtime.manifest import read_manifest
+from quest_export.report.gather import ReportData, gather
+
+FIGURES = ("grid", "histograms", "sqnr")
 
 
-def render(path: str | Path) -> str:
-    path = Path(path)
-    m = read_manifest(path)
-    lines = [f"# quest-export report: {path.name}", ""]
-    t = m.get("target", {})
-    p = m.get("precision", {})
-    lines += [f"- stage: `{m['stage']}`, target `{t.get('id')}` ({t.get('description', '')})",
-              f"- precision: **{p.get('mode')}** — {p.get('note')}",
-              f"- timestep groups: {m.get('groups', {}).get('count')} ({m.get('scale_mode')} scales)",
-              f"- sampler: {json.dumps(m.get('sampler'))}",
-              f"- recipe fingerprint: `{m.get('recipe_fingerprint')}`",
-              f"- ONNX: opset {m.get('onnx', {}).get('opset')}, IR {m.get('onnx', {}).get('ir_version')}, "
-              f"Q/DQ nodes {m.get('onnx', {}).get('qdq_nodes')}", ""]  # fmt: skip
-    if m.get("build"):
-        b = m["build"]
-        lines += ["## TensorRT build (on the device)", "", f"- TensorRT {b.get('trt_version')}, typing {b.get('typing')}, "
-                  f"flags `{' '.join(b.get('flags', []))}`", "- run `bash build.sh` on the device", ""]  # fmt: skip
-    if m.get("fusion"):
-        lines += ["## ONNX Runtime fusion audit", "", "| graph | level | fused / Q/DQ op counts |", "|---|---|---|"]
-        for g, levels in m["fusion"]["graphs"].items():
-            for lvl, counts in levels.items():
-                lines.append(f"| {g} | {lvl} | {', '.join(f'{k} {v}' for k, v in counts.items())} |")
-        lines.append("")
-    layers = m.get("layers", [])
-    if layers:
-        lines += [
-            "## Layers",
-            "",
-            "| layer | w bits | a bits | weight storage | activation storage |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['name']} | {r['w_bits']} | {r['a_bits']} | {r['storage']} | {r['a_storage']} |" for r in layers
-        ]
-        lines.append("")
-    vpath = path / "verify.json"
-    if vpath.is_file():
-        v = json.loads(vpath.read_text())
-        lines += ["## Verification", "", f"runner: {v['runner']} — **{'PASSED' if v['passed'] else 'FAILED'}**", "",
-                  "| tier | result | summary |", "|---|---|---|"]  # fmt: skip
-        for tier in v["tiers"]:
-            mark = "skip" if tier["passed"] is None else ("pass" if tier["passed"] else "FAIL")
-            lines.append(f"| {tier['name']} | {mark} | {tier['summary']} |")
-        if v.get("bisect") and v["bisect"].get("first_bad_layer"):
-            lines.append(f"\nfirst layer out of tolerance: `{v['bisect']['first_bad_layer']}`")
-    return "\n".join(lines) + "\n"
+def figures(d: ReportData, samples: dict | None) -> dict[str, bytes]:
+    """{figure key: PNG bytes} of what the data allows (no samples: no grid; no layer stats: no plots)."""
+    from quest_export.report import plots
+
+    out = {}
+    if samples is not None:
+        p = d.manifest.get("precision") or {}
+        q = _quant_meta(d)
+        title = f"quantized: {q.get('method', '?')} {p.get('mode') or q.get('name', '')}".strip()
+        out["grid"] = plots.grid_figure(samples, title=title)
+    if d.stats:
+        out["histograms"] = plots.histogram_figure(d.stats, plots.hist_layers(d.stats))
+        out["sqnr"] = plots.sqnr_figure(d.stats)
+    return out
 
 
-def write_report(path: str | Path, *, out: str | Path | None = None) -> Path:
-    from quest_export_runtime.outputs import check_output, write_text_atomic
+def _quant_meta(d: ReportData) -> dict:
+    import json
 
-    out = check_output(out if out else Path(path) / "report.md", "file")
-    return write_text_atomic(out, render(path))
+    if d.run_dir is None:
+        return {}
+    q = json.loads((d.run_dir / "quant.json").read_text()).get("quant", {})
+    return {"method": q.get("method"), "name": f"W{q.get('w_bits')}A{q.get('a_bits')}"}
+
+
+def write_report(path: str | Path, *, out: str | Path | None = None, images: int = 16, seed: int = 0,
+                 device: str = "cpu", latency: bool = True) -> Path:  # fmt: skip
+    """Write the Markdown report ``out`` (default DIR/report.md), the HTML page beside it (same name, .html) and
+    the figures as PNG (``<stem>-<figure>.png``). ``images`` = 0 skips the sample grid. Returns the HTML path.
+
+    The Markdown is written first: a failed write leaves neither of the others.
+    """
+    from quest_export_runtime.outputs import check_output, write_bytes_atomic, write_text_atomic
+
+    from quest_export.report import html, markdown
+
+    if images < 0:
+        from quest_export.errors import InputError
+
+        raise InputError(f"--images {images}: must be 0 (no sample grid) or more")
+    md_path = check_output(out if out else Path(path) / "report.md", "file")
+    html_path = check_output(md_path.with_suffix(".html"), "file")
+    png = {k: check_output(md_path.with_name(f"{md_path.stem}-{k}.png"), "file") for k in FIGURES}
+    d = gather(path, latency=latency)
+    samples = None
+    if images > 0 and d.run_dir is not None:
+        from quest_export.report.samples import float_and_quantized
+
+        samples = float_and_quantized(d.run_dir, n=images, seed=seed, device=device)
+    figs = figures(d, samples)
+    write_text_atomic(md_path, markdown.render(d, samples=samples, figures={k: png[k].name for k in figs}))
+    for k, data in figs.items():
+        write_bytes_atomic(png[k], data)
+    write_text_atomic(html_path, html.render(d, figures=figs, samples=samples))
+    return html_path

@@ -30,7 +30,7 @@ QUEST = ["--method", "quest"] + [a for s in ["calib.samples_per_group=4", "quant
          "finetune.b_batch=2", "finetune.c_epochs=1", "finetune.c_samples=8", "finetune.c_batch=4",
          "sampler.steps=4"] for a in ("--set", s)]  # fmt: skip
 # ||eps_q(other run) - eps_q(one process)|| / ||eps_q(one process) - eps_fp|| on every calibration row, measured on
-# this recipe (docs/BENCHMARKS.md 6): two ranks 0.0; one process with 2 threads instead of 1 (a float-order change
+# this recipe (docs/BENCHMARKS.md 7): two ranks 0.0; one process with 2 threads instead of 1 (a float-order change
 # only) 0.036; two ranks that do not sum their gradients (the planted fault) 0.097. The bound sits between.
 REL_TOL = 0.06
 WAIT_S = 300
