@@ -16,7 +16,7 @@ W=/tmp/ev; mkdir -p $W
 for model in $MODELS; do for m in $METHODS; do for b in $BITS; do
   d=$W/$model/$(echo $m | tr '+' '_')-$b; mkdir -p $d
   [ -f $d/matrix.json ] && continue  # finished in an earlier call
-  ( s=$(date +%s); timeout $(( $(left) - 40 )) python3 -m cli.main --quiet eval --model $model --preset gpu --device cuda \
+  ( s=$(date +%s); timeout $(( $(left) - 40 )) python3 -m cli.main --quiet eval --model $model --preset ${PRESET:-gpu} --device cuda \
       --methods $m --bits $b --n 1000 --seed 0 --work $d --json $d/matrix.json > $d/eval.log 2>&1
     echo "{\"model\": \"$model\", \"method\": \"$m\", \"bits\": \"$b\", \"rc\": $?, \"s\": $(( $(date +%s) - s ))}" >> $W/procs.jsonl ) &
 done; done; done
@@ -25,7 +25,7 @@ list() { echo "$1" | tr ' ' ','; }
 for model in $MODELS; do
   g=$W/$model/all; mkdir -p $g/runs/eval
   cp -n $W/$model/*/runs/eval/* $g/runs/eval/ 2>/dev/null
-  timeout 30 python3 -m cli.main --quiet eval --model $model --preset gpu --device cuda --methods $(list "$METHODS") \
+  timeout 30 python3 -m cli.main --quiet eval --model $model --preset ${PRESET:-gpu} --device cuda --methods $(list "$METHODS") \
     --bits $(list "$BITS") --n 1000 --seed 0 --work $g --json $W/$model-matrix.json > $W/$model-matrix.log 2>&1
   tail -n 14 $W/$model-matrix.log
 done
