@@ -130,7 +130,11 @@ def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dic
     return recs
 
 
-def precision_note(w_bits: int, a_bits: int, target: TargetProfile, *, int4_block: int = 0, block: int = 128) -> str:
+def precision_note(w_bits: int, a_bits: int, target: TargetProfile, *, int4_block: int = 0, block: int = 128,
+                   fused: bool = False) -> str:  # fmt: skip
+    if not target.is_tensorrt and fused:
+        widened = "; INT4 weights widened to INT8 by ONNX Runtime at load" if w_bits == 4 else ""
+        return f"W{w_bits}A{a_bits}: in+out Q/DQ, fused INT8 kernels in ONNX Runtime (E-22){widened}"
     if not target.is_tensorrt:
         return f"W{w_bits}A{a_bits}: true {'INT4 ' if min(w_bits, a_bits) == 4 else ''}Q/DQ in ONNX Runtime (reference speed)"
     notes = []
@@ -312,6 +316,8 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
         for a in acts.values():
             if a.storage in ("int4", "uint4"):
                 retype[f"unet.{a.name}.export_zp"] = a.storage
+    # W4A8 fused ONNX Runtime form (quant.output_quant): INT4 in the file, widened to INT8 by ORT at load (issue 17)
+    widen = {k for k, v in retype.items() if quant.get("output_quant") and k.endswith("export_w")}
     feeds, feed_groups = _feeds(calib, qunet)
     example = {k: torch.from_numpy(v) for k, v in feeds[0].items()}
     graph_groups = list(range(qunet.ctx.count)) if mode == "per-group" else [None]
@@ -321,6 +327,8 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
         m = _trace(qunet, plan, example, conditional=conditional)
         if retype:
             G.retype_int4(m, retype)
+        if widen:
+            G.widen_int4_weights(m, widen)
         if int4_gemm:
             blocked = set(G.blockify_int4_weights(m, linear_w4, cfg.int4_block))
             for r in records:
@@ -382,7 +390,8 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             "target": to_jsonable(target),
             "precision": {"w_bits": w_bits, "a_bits": a_bits, "mode": f"W{w_bits}A{a_bits}",
                           "note": precision_note(w_bits, a_bits, target, int4_block=sum(
-                              r["storage"] == "int4-block" for r in records), block=cfg.int4_block)},
+                              r["storage"] == "int4-block" for r in records), block=cfg.int4_block,
+                              fused=bool(quant.get("output_quant")))},
             "scale_mode": mode,
             "graphs": [{"file": f, "group": g} for f, g in zip(files, graph_groups)],
             "weights_file": "weights.bin" if len(models) > 1 else None,
