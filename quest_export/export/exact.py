@@ -78,7 +78,8 @@ def weight_only_check(ref, manifest: dict, feed: dict, group: int, *, tol: float
     """Whole-UNet graph with weight DQ only (activations float) vs fake-quant WEIGHT_ONLY on ``feed``."""
     q = ref.qunet
     plan = ExportPlan(opset=manifest["onnx"]["opset"], scale_mode="merged", group=group,
-                      acts=plan_acts(q, native_a4=False), weight_only=True)  # fmt: skip
+                      acts=plan_acts(q, native_a4=False), weight_only=True,
+                      pts_fold=manifest["onnx"].get("pts_fold", False))  # fmt: skip
     x, t, c = _torch_feed(feed, "cpu")
     conditional = c is not None
     names = ["sample", "timestep"] + (["encoder_hidden_states"] if conditional else [])
@@ -130,7 +131,7 @@ def layer_graph_checks(ref, manifest: dict, feed: dict, group: int, *, tol: floa
         names = [names[i] for i in idx]
     inputs = _capture_layers(ref, feed, group, names, inputs=True)
     plan = ExportPlan(opset=manifest["onnx"]["opset"], scale_mode="merged", group=group,
-                      acts=plan_acts(q, native_a4=False))  # fmt: skip
+                      acts=plan_acts(q, native_a4=False), pts_fold=manifest["onnx"].get("pts_fold", False))  # fmt: skip
     layers = q.layers()
     out = []
     for n in names:

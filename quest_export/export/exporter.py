@@ -126,8 +126,17 @@ def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dic
         recs.append({"name": name, "kind": s.kind, "w_bits": s.w_bits, "a_bits": a_bits, "storage": storage,
                      "a_storage": acts[a_name].storage if a_name in acts else "float", "split_at": s.split_at,
                      "role": s.role, "les": s.les, "pts": s.pts,
-                     "les_producer": les_producer(name) if s.les else None})  # fmt: skip
+                     "les_producer": les_producer(name) if s.les else None,
+                     "pts_fold": _pts_fold(m) if (s.pts and target.is_tensorrt) else None})  # fmt: skip
     return recs
+
+
+def _pts_fold(m) -> int | None:
+    """K = 1 / min f over the PTS factors of the layer's inputs: its W_int is multiplied by up to K on a TensorRT
+    target (export/qdq.py), so the INT8 container holds values up to K times the declared bit range."""
+    qs = [m.input_quantizer, getattr(m, "input_quantizer_skip", None)]
+    ks = [round(float(1.0 / q.pts_factors.min())) for q in qs if q is not None and q.pts_factors is not None]
+    return max(ks) if ks else None
 
 
 def precision_note(w_bits: int, a_bits: int, target: TargetProfile, *, int4_block: int = 0, block: int = 128,
@@ -244,9 +253,8 @@ def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
 
 
 def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
-    """NotBuiltError for PTS factors on a TensorRT target: per-channel activation scales are not TensorRT's, and
-    folding the factors into the next layer's weights is not built yet; a graph without them would compute
-    something else."""
+    """NotBuiltError for PTS factors on a TensorRT target where they cannot be folded into the next layer's
+    weights (weights wider than 5 bits); a graph without them would compute something else."""
     from quest_export.quant.artifact import PLAN_FILE
 
     plan_file = Path(artifact) / PLAN_FILE
@@ -258,8 +266,10 @@ def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
         from quest_export.errors import NotBuiltError
         from quest_export.recipe.methods import get_method
 
-        msg = get_method(meta["quant"]["method"]).export_not_built({"pts": True}, tensorrt=True)
-        raise NotBuiltError(msg or f"PTS export for TensorRT target '{target.id}' is not built yet")
+        msg = get_method(meta["quant"]["method"]).export_not_built({"pts": True}, tensorrt=True,
+                                                                   w_bits=int(meta["quant"]["w_bits"]))  # fmt: skip
+        if msg:
+            raise NotBuiltError(msg)
 
 
 def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: ExportConfig, out: str | Path, calib,
@@ -323,7 +333,8 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     graph_groups = list(range(qunet.ctx.count)) if mode == "per-group" else [None]
     models = []
     for g in graph_groups:
-        plan = ExportPlan(opset=opset, scale_mode=mode, group=g, acts=acts, native_a4=native_a4)
+        plan = ExportPlan(opset=opset, scale_mode=mode, group=g, acts=acts, native_a4=native_a4,
+                          pts_fold=target.is_tensorrt)  # fmt: skip
         m = _trace(qunet, plan, example, conditional=conditional)
         if retype:
             G.retype_int4(m, retype)
@@ -402,7 +413,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             "conditioning": cond_meta,
             "io": {"inputs": io_in, "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": io_in[0]["shape"]}]},
             "layers": records,
-            "onnx": {"opset": opset, "ir_version": ir, "qdq_nodes": {k: v for k, v in G.op_counts(models[0]).items()
+            "onnx": {"opset": opset, "ir_version": ir, "pts_fold": target.is_tensorrt, "qdq_nodes": {k: v for k, v in G.op_counts(models[0]).items()
                                                                      if k.endswith("Linear")}},
             "reference": reference,
             "source": {"artifact": str(artifact), "model": art.meta["model"]},
