@@ -34,6 +34,8 @@ def commands(out: Path, full: bool, work: Path) -> dict[str, list[str] | str]:
                        "--steps", "50,20" if full else "20", "--out", str(out / "float_eval.json")],
         "recon_speed": ["recon_speed.py", "--model", "fmnist-cond", "--iters", "300" if full else "30",
                         "--work", str(work / "recon"), "--out", str(out / "recon_speed.json")],
+        "ort_speed": ["ort_speed.py", "--model", "fmnist-cond", "--work", str(work / "ortspeed"),
+                      "--repeats", "30" if full else "5", "--out", str(out / "ort_speed.json")],
         "ort_precision": ["ort_precision.py", "--work", str(work / "ortprec"), "--out", str(out / "ort_precision.json")],
         "quality": ["quality.py", "--rows", "standard", "--n", n, "--preset", "gpu" if full else "fast",
                     "--jobs", "2", "--threads", "1", "--work", str(work / "quality"),

@@ -216,7 +216,8 @@ def run(recipe: Recipe, *, stages: tuple[str, ...] = ALL, out: str | Path | None
     method = get_method(recipe.quant.method)
     not_built = method.not_built if "quantize" in needed else None
     if "export" in needed:
-        not_built = not_built or method.export_not_built(to_jsonable(recipe.dmq), tensorrt=recipe.target.is_tensorrt)
+        not_built = not_built or method.export_not_built(to_jsonable(recipe.dmq), tensorrt=recipe.target.is_tensorrt,
+                                                         w_bits=recipe.quant.w_bits)  # fmt: skip
     if not_built:  # refuse before any work is done
         from quest_export.errors import NotBuiltError
 

@@ -4,7 +4,8 @@ the runtime must use, with a fusion audit (deploy.md section 4). Never imports t
     out/
       model.opt.onnx            the graph optimised at ``level`` (portable up to EXTENDED, O-6); per-group
                                 exports keep their graphs and shared weights file instead (O-7)
-      session.json              optimization level, disabled optimizers (O-4), MatMulNBits accuracy (O-5)
+      session.json              optimization level, disabled optimizers (O-4), MatMulNBits accuracy (O-5), and
+                                ``baked`` when model.opt.onnx was optimised with U8U8 (x86 fused INT8 kernels, issue 17)
       conditioning.safetensors, reference/   copied from the export
       manifest.json             stage build-ort: the export's keys + session + fusion audit
 """
@@ -30,10 +31,19 @@ DISABLED_OPTIMIZERS = list(ORT_DISABLED_OPTIMIZERS)  # O-4: breaks opset-21 Q/DQ
 SESSION_CONFIG = dict(ORT_SESSION_CONFIG)  # O-5: exact MatMulNBits
 
 
-def _session_options(ort, level: str, optimized_path: Path | None = None):
+# Issue 17: x86 ONNX Runtime fuses Q/DQ into QLinearConv / QGemm only with U8 activations (S8 is allowed on ARM
+# only), and its U8S8 kernels saturate without VNNI (O-8), so the S8S8 sessions of O-8 run the in+out Q/DQ form
+# as DQ + float kernels: slower than fp32. U8U8 (``session.x64quantprecision=1`` with QDQS8ToU8Transformer on:
+# activations and weights shifted by 128, exact integer products on every CPU) forms the fused kernels. The build
+# bakes it into model.opt.onnx, whose fused nodes then run the same under the runtimes' S8S8 settings.
+U8U8_BAKE = {"disabled_optimizers": ["QDQPropagationTransformer"], "config": {"session.x64quantprecision": "1"}}
+FUSED_KERNELS = ("QLinearConv", "QLinearMatMul", "com.microsoft.QGemm", "com.microsoft.QLinearConv")
+
+
+def _session_options(ort, level: str, optimized_path: Path | None = None, extra_config: dict | None = None):
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
-    for k, v in SESSION_CONFIG.items():
+    for k, v in {**SESSION_CONFIG, **(extra_config or {})}.items():
         so.add_session_config_entry(k, v)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
@@ -55,15 +65,18 @@ def _counts(path: Path) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def optimize_graph(src: Path, dst: Path | None, *, level: str, providers: list[str]) -> dict[str, int]:
-    """Let ONNX Runtime optimise ``src`` at ``level``; write the result to ``dst`` (or a temp file) and count ops."""
+def optimize_graph(src: Path, dst: Path | None, *, level: str, providers: list[str], bake: dict | None = None
+                   ) -> dict[str, int]:  # fmt: skip
+    """Let ONNX Runtime optimise ``src`` at ``level``; write the result to ``dst`` (or a temp file) and count ops.
+    ``bake``: {"disabled_optimizers", "config"} to optimise with instead of the runtimes' own settings."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as td:
         path = dst or Path(td) / "opt.onnx"
-        so = _session_options(ort, level, path)
+        so = _session_options(ort, level, path, (bake or {}).get("config"))
+        disabled = (bake or {}).get("disabled_optimizers", DISABLED_OPTIMIZERS)
         try:
-            ort.InferenceSession(str(src), so, providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
+            ort.InferenceSession(str(src), so, providers=providers, disabled_optimizers=disabled)
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise ArtifactError(
                 f"ONNX Runtime cannot load {src.name} at level {level}: {str(e).splitlines()[0]}"
@@ -75,6 +88,35 @@ def _fused(counts: dict[str, int]) -> dict[str, int]:
     keys = ("QLinearConv", "QLinearMatMul", "com.microsoft.QGemm", "com.microsoft.MatMulIntegerToFloat",
             "com.microsoft.MatMulNBits", "com.microsoft.QLinearConv", "DequantizeLinear", "QuantizeLinear")  # fmt: skip
     return {k: counts[k] for k in keys if k in counts}
+
+
+def _bake_u8u8(src: Path, dst: Path, shipped: dict[str, int], *, level: str, providers: list[str]) -> dict | None:
+    """Re-optimise ``src`` into ``dst`` with U8U8 when that forms more fused INT8 kernels than the S8S8 graph
+    already in ``dst`` (the in+out Q/DQ form on x86); returns its op counts, or None when the S8S8 graph stays
+    (input-only Q/DQ graphs; a graph ORT cannot load with U8U8, e.g. per-axis DQ with zero points)."""
+    if "x86" not in _machine():
+        return None  # ARM fuses S8 activations itself; U8U8 is the x86 fix
+    fused = lambda counts: sum(counts.get(k, 0) for k in FUSED_KERNELS)
+    trial = dst.with_name(dst.name + ".u8u8")
+    try:
+        counts = optimize_graph(src, trial, level=level, providers=providers, bake=U8U8_BAKE)
+    except ArtifactError as e:
+        log.info("U8U8 graph not used: %s", e)
+        trial.unlink(missing_ok=True)
+        return None
+    if fused(counts) <= fused(shipped):
+        trial.unlink()
+        return None
+    trial.replace(dst)
+    log.info("baked U8U8 fused kernels into %s: %d fused (S8S8: %d)", dst.name, fused(counts), fused(shipped))
+    return counts
+
+
+def _machine() -> str:
+    import platform
+
+    m = platform.machine().lower()
+    return "x86" if m in ("x86_64", "amd64", "i686", "x86") else m
 
 
 def ort_engine_from_export(export_dir: str | Path, *, out: str | Path, target: TargetProfile, level: str = "extended",
@@ -113,6 +155,9 @@ def ort_engine_from_export(export_dir: str | Path, *, out: str | Path, target: T
             else:
                 dst = tmp / "model.opt.onnx"
                 shipped = optimize_graph(src, dst, level=level, providers=providers)
+                baked = _bake_u8u8(src, dst, shipped, level=level, providers=providers)
+                if baked is not None:
+                    shipped, audit["baked"] = baked, U8U8_BAKE
                 (tmp / g["file"]).unlink()
                 new_graphs.append({**g, "file": dst.name})
             full = optimize_graph(tmp / new_graphs[-1]["file"] if not per_group else src, None, level="all",
@@ -125,6 +170,8 @@ def ort_engine_from_export(export_dir: str | Path, *, out: str | Path, target: T
         session = {"graph_optimization_level": LEVELS[level], "disabled_optimizers": DISABLED_OPTIMIZERS,
                    "config": SESSION_CONFIG, "providers": providers,
                    "optimized": not per_group}  # fmt: skip
+        if "baked" in audit:  # how model.opt.onnx was optimised; the runtimes keep the settings above
+            session["baked"] = audit["baked"]
         (tmp / "session.json").write_text(json.dumps(session, indent=2) + "\n")
         keep = {k: v for k, v in manifest.items() if k not in BASE_KEYS}
         keep["graphs"] = new_graphs

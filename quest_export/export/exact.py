@@ -78,7 +78,8 @@ def weight_only_check(ref, manifest: dict, feed: dict, group: int, *, tol: float
     """Whole-UNet graph with weight DQ only (activations float) vs fake-quant WEIGHT_ONLY on ``feed``."""
     q = ref.qunet
     plan = ExportPlan(opset=manifest["onnx"]["opset"], scale_mode="merged", group=group,
-                      acts=plan_acts(q, native_a4=False), weight_only=True)  # fmt: skip
+                      acts=plan_acts(q, native_a4=False), weight_only=True,
+                      pts_fold=manifest["onnx"].get("pts_fold", False))  # fmt: skip
     x, t, c = _torch_feed(feed, "cpu")
     conditional = c is not None
     names = ["sample", "timestep"] + (["encoder_hidden_states"] if conditional else [])
@@ -130,7 +131,7 @@ def layer_graph_checks(ref, manifest: dict, feed: dict, group: int, *, tol: floa
         names = [names[i] for i in idx]
     inputs = _capture_layers(ref, feed, group, names, inputs=True)
     plan = ExportPlan(opset=manifest["onnx"]["opset"], scale_mode="merged", group=group,
-                      acts=plan_acts(q, native_a4=False))  # fmt: skip
+                      acts=plan_acts(q, native_a4=False), pts_fold=manifest["onnx"].get("pts_fold", False))  # fmt: skip
     layers = q.layers()
     out = []
     for n in names:
@@ -144,8 +145,29 @@ def layer_graph_checks(ref, manifest: dict, feed: dict, group: int, *, tol: floa
         got = _ort_run(model, {"x": x.numpy()})[0]
         st = error_stats(got, want)
         limit = tol * max(1.0, float(want.std()))
-        out.append({"layer": n, "max_abs": st["max_abs"], "limit": limit, "pass": st["max_abs"] <= limit})
+        row = {"layer": n, "max_abs": st["max_abs"], "limit": limit, "pass": st["max_abs"] <= limit}
+        oq = getattr(layers[n], "output_quantizer", None)
+        if oq is not None and not row["pass"]:
+            row.update(_output_rounding_allowance(got, want, oq, group, limit))
+        out.append(row)
     return out
+
+
+# A layer with an output quantizer (the fused ONNX Runtime form, quant.output_quant) rounds its float result: where
+# torch and ONNX Runtime sum the same products in a different order, a value within float error of a rounding
+# boundary lands one output step apart. Allowed: errors of at most one step on at most this share of the elements
+# (measured on the full fmnist-cond W4A8 in+out graph: 1 of 24 checked layers, a handful of elements).
+OUTPUT_FLIP_SHARE = 1e-3
+
+
+def _output_rounding_allowance(got: np.ndarray, want: np.ndarray, oq, group: int, limit: float) -> dict:
+    step = float(oq.scales[group].detach().abs().max())
+    d = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    off = d > limit
+    share = float(off.mean())
+    one_step = bool((d[off] <= step * (1 + 1e-4) + limit).all())
+    return {"output_step": step, "flipped_share": share,
+            "pass": one_step and share <= OUTPUT_FLIP_SHARE}  # fmt: skip
 
 
 def layer_scope(name: str) -> str:

@@ -126,11 +126,24 @@ def layer_records(qunet: QuantizedUNet, target: TargetProfile, acts) -> list[dic
         recs.append({"name": name, "kind": s.kind, "w_bits": s.w_bits, "a_bits": a_bits, "storage": storage,
                      "a_storage": acts[a_name].storage if a_name in acts else "float", "split_at": s.split_at,
                      "role": s.role, "les": s.les, "pts": s.pts,
-                     "les_producer": les_producer(name) if s.les else None})  # fmt: skip
+                     "les_producer": les_producer(name) if s.les else None,
+                     "pts_fold": _pts_fold(m) if (s.pts and target.is_tensorrt) else None})  # fmt: skip
     return recs
 
 
-def precision_note(w_bits: int, a_bits: int, target: TargetProfile, *, int4_block: int = 0, block: int = 128) -> str:
+def _pts_fold(m) -> int | None:
+    """K = 1 / min f over the PTS factors of the layer's inputs: its W_int is multiplied by up to K on a TensorRT
+    target (export/qdq.py), so the INT8 container holds values up to K times the declared bit range."""
+    qs = [m.input_quantizer, getattr(m, "input_quantizer_skip", None)]
+    ks = [round(float(1.0 / q.pts_factors.min())) for q in qs if q is not None and q.pts_factors is not None]
+    return max(ks) if ks else None
+
+
+def precision_note(w_bits: int, a_bits: int, target: TargetProfile, *, int4_block: int = 0, block: int = 128,
+                   fused: bool = False) -> str:  # fmt: skip
+    if not target.is_tensorrt and fused:
+        widened = "; INT4 weights widened to INT8 by ONNX Runtime at load" if w_bits == 4 else ""
+        return f"W{w_bits}A{a_bits}: in+out Q/DQ, fused INT8 kernels in ONNX Runtime (E-22){widened}"
     if not target.is_tensorrt:
         return f"W{w_bits}A{a_bits}: true {'INT4 ' if min(w_bits, a_bits) == 4 else ''}Q/DQ in ONNX Runtime (reference speed)"
     notes = []
@@ -240,9 +253,8 @@ def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
 
 
 def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
-    """NotBuiltError for PTS factors on a TensorRT target: per-channel activation scales are not TensorRT's, and
-    folding the factors into the next layer's weights is not built yet; a graph without them would compute
-    something else."""
+    """NotBuiltError for PTS factors on a TensorRT target where they cannot be folded into the next layer's
+    weights (weights wider than 5 bits); a graph without them would compute something else."""
     from quest_export.quant.artifact import PLAN_FILE
 
     plan_file = Path(artifact) / PLAN_FILE
@@ -254,8 +266,10 @@ def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
         from quest_export.errors import NotBuiltError
         from quest_export.recipe.methods import get_method
 
-        msg = get_method(meta["quant"]["method"]).export_not_built({"pts": True}, tensorrt=True)
-        raise NotBuiltError(msg or f"PTS export for TensorRT target '{target.id}' is not built yet")
+        msg = get_method(meta["quant"]["method"]).export_not_built({"pts": True}, tensorrt=True,
+                                                                   w_bits=int(meta["quant"]["w_bits"]))  # fmt: skip
+        if msg:
+            raise NotBuiltError(msg)
 
 
 def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: ExportConfig, out: str | Path, calib,
@@ -312,15 +326,20 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
         for a in acts.values():
             if a.storage in ("int4", "uint4"):
                 retype[f"unet.{a.name}.export_zp"] = a.storage
+    # W4A8 fused ONNX Runtime form (quant.output_quant): INT4 in the file, widened to INT8 by ORT at load (issue 17)
+    widen = {k for k, v in retype.items() if quant.get("output_quant") and k.endswith("export_w")}
     feeds, feed_groups = _feeds(calib, qunet)
     example = {k: torch.from_numpy(v) for k, v in feeds[0].items()}
     graph_groups = list(range(qunet.ctx.count)) if mode == "per-group" else [None]
     models = []
     for g in graph_groups:
-        plan = ExportPlan(opset=opset, scale_mode=mode, group=g, acts=acts, native_a4=native_a4)
+        plan = ExportPlan(opset=opset, scale_mode=mode, group=g, acts=acts, native_a4=native_a4,
+                          pts_fold=target.is_tensorrt)  # fmt: skip
         m = _trace(qunet, plan, example, conditional=conditional)
         if retype:
             G.retype_int4(m, retype)
+        if widen:
+            G.widen_int4_weights(m, widen)
         if int4_gemm:
             blocked = set(G.blockify_int4_weights(m, linear_w4, cfg.int4_block))
             for r in records:
@@ -382,7 +401,8 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             "target": to_jsonable(target),
             "precision": {"w_bits": w_bits, "a_bits": a_bits, "mode": f"W{w_bits}A{a_bits}",
                           "note": precision_note(w_bits, a_bits, target, int4_block=sum(
-                              r["storage"] == "int4-block" for r in records), block=cfg.int4_block)},
+                              r["storage"] == "int4-block" for r in records), block=cfg.int4_block,
+                              fused=bool(quant.get("output_quant")))},
             "scale_mode": mode,
             "graphs": [{"file": f, "group": g} for f, g in zip(files, graph_groups)],
             "weights_file": "weights.bin" if len(models) > 1 else None,
@@ -393,7 +413,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             "conditioning": cond_meta,
             "io": {"inputs": io_in, "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": io_in[0]["shape"]}]},
             "layers": records,
-            "onnx": {"opset": opset, "ir_version": ir, "qdq_nodes": {k: v for k, v in G.op_counts(models[0]).items()
+            "onnx": {"opset": opset, "ir_version": ir, "pts_fold": target.is_tensorrt, "qdq_nodes": {k: v for k, v in G.op_counts(models[0]).items()
                                                                      if k.endswith("Linear")}},
             "reference": reference,
             "source": {"artifact": str(artifact), "model": art.meta["model"]},

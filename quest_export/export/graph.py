@@ -82,6 +82,35 @@ def retype_int4(model: onnx.ModelProto, names: dict[str, str]) -> list[str]:
     return done
 
 
+def widen_int4_weights(model: onnx.ModelProto, names: set[str]) -> int:
+    """Put a ``Cast`` to INT8 (UINT4: UINT8) between each INT4 weight initializer in ``names`` (and its zero point)
+    and its DequantizeLinear: the file keeps 4-bit storage, and ONNX Runtime folds the Cast into an INT8
+    initializer when it loads the graph (constant folding, BASIC), so the weight DQ then matches its QDQ fusion
+    selectors (QLinearConv, QGemm, MatMulIntegerToFloat), which take 8-bit weights only (issue 17). Exact: the
+    cast widens the same integers, the DQ scale is unchanged. Returns the number of Cast nodes added."""
+    inits = {i.name: i for i in model.graph.initializer}
+    wide = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
+    casts: dict[str, str] = {}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in names:
+            for j in (0, 2):
+                src = node.input[j] if j < len(node.input) else ""
+                init = inits.get(src)
+                if init is None or init.data_type not in wide:
+                    continue
+                if src not in casts:
+                    casts[src] = f"{src}.widened"
+                    nodes.append(onnx.helper.make_node("Cast", [src], [casts[src]], to=wide[init.data_type],
+                                                       name=f"{src}.widen"))  # fmt: skip
+                node.input[j] = casts[src]
+        nodes.append(node)
+    if casts:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return len(casts)
+
+
 def blockify_int4_weights(model: onnx.ModelProto, layers: list[str], block: int) -> list[str]:
     """Rewrite per-channel W4 MatMul weights as INT4 block-quantized weight-only DQ (deploy.md E-4, E-11).
 

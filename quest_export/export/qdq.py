@@ -13,7 +13,11 @@ buffers first, so they become named initializers:
 DMQ (quest.md 7.6, 9.3b): a layer's LES scale stays as ``Div(x, <layer>.export_les_scale)`` in front of its
 input Q (the division the fake-quant model computes; gamma itself is folded into W_int), and a
 quantizer with PTS factors f_c exports as a per-channel Q/DQ with scale s * f_c (exact: f_c is a
-power of two), which ONNX Runtime runs; TensorRT targets refuse it (per-tensor activation scales).
+power of two), which ONNX Runtime runs. TensorRT quantizes activations per tensor, so there (``pts_fold``) the
+factors leave the quantizer: ``Mul(x, 1/f_c)`` per channel before a per-tensor Q/DQ with scale s (bit-exact:
+(x * 2^k) / s rounds like x / (s * 2^-k)), and f_c goes into the consuming layer's integer weights,
+W'_int[:, c] = W_int[:, c] * f_c * K with scale s_w / K, K = 1 / min f (an integer power of two), which stays in
+the INT8 container for weights of up to 5 bits; wider weights are refused with that reason.
 
 Placement mirrors the fake-quant points (quest.md 9.8): activation Q/DQ on the inputs of
 quantized Conv/Linear (and attention operands where quantized), weight DQ per output
@@ -56,10 +60,33 @@ class ExportPlan:
     acts: dict[str, ActExport] = field(default_factory=dict)
     native_a4: bool = False
     weight_only: bool = False  # activation quantizers pass their input through (exactness checks, H-2)
+    # PTS on a per-tensor target (TensorRT): x * (1/f_c) -> Q/DQ(s) per tensor, f_c folded into the next weights
+    pts_fold: bool = False
 
     @property
     def scale_input(self) -> bool:
         return self.scale_mode == "scale-input"
+
+
+def _channel_shape(q: ActQuantizer) -> list[int]:
+    return [-1] if q.axis == -1 else [-1, 1, 1]  # linear (..., C) or conv (N, C, H, W)
+
+
+def _fold_pts(name: str, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, f: torch.Tensor):
+    """W'_int = W_int * f_c * K along the input channels, scale / K: the PTS factors of the layer's input, moved into
+    its integer weights for a per-tensor activation Q (``pts_fold``). Exact; refused where W' leaves INT8."""
+    from quest_export.errors import TargetError
+
+    k = float(1.0 / f.min())
+    mult = (f.double() * k).reshape([1, -1] + [1] * (w.dim() - 2))
+    if bool((zp != 0).any()):
+        raise TargetError(f"{name}: PTS on a TensorRT target needs zero-point-free weights")
+    wide = w.double() * mult
+    if not bool((wide == wide.round()).all()) or wide.min() < -128 or wide.max() > 127:
+        raise TargetError(f"{name}: its PTS factors (down to 1/{k:g}) folded into its weights leave INT8; TensorRT "
+                          "targets take PTS with weights of up to 5 bits: quantize with --set dmq.pts=false "
+                          "or use --target cpu")  # fmt: skip
+    return wide.to(torch.int8), scale / k
 
 
 class _QDQ(torch.autograd.Function):
@@ -158,7 +185,9 @@ class QdqEmitter:
         else:
             g = 0 if self.plan.group is None else self.plan.group
             s, z = q.scales[g].detach(), q.zero_points[g]
-        if q.pts_factors is not None:  # s_c = s * f_c (the fake-quant model's product, exact for powers of two)
+        if q.pts_factors is not None and self.plan.pts_fold:  # per tensor; 1/f_c multiplies x before the Q
+            s, z = s.reshape(()), z.reshape(())
+        elif q.pts_factors is not None:  # s_c = s * f_c (the fake-quant model's product, exact for powers of two)
             s, z = (s.reshape(1) * q.pts_factors).float(), z.reshape(1).expand_as(q.pts_factors)
         elif not q.per_channel:
             s, z = s.reshape(()), z.reshape(())
@@ -173,11 +202,12 @@ class QdqEmitter:
             if self.plan.acts[name].clip:
                 zf = z.round().float()
                 lo, hi = (q.qmin - zf) * s, (q.qmax - zf) * s
-                if q.pts_factors is not None:  # per-channel bounds, shaped to broadcast along the channel axis
-                    shape = [-1] if q.axis == -1 else [-1, 1, 1]  # linear (..., C) or conv (N, C, H, W)
-                    lo, hi = lo.reshape(shape), hi.reshape(shape)
+                if q.pts_factors is not None and not self.plan.pts_fold:  # per-channel bounds along the channel axis
+                    lo, hi = lo.reshape(_channel_shape(q)), hi.reshape(_channel_shape(q))
                 self._buffer(q, "export_clip_lo", lo)
                 self._buffer(q, "export_clip_hi", hi)
+            if q.pts_factors is not None and self.plan.pts_fold:
+                self._buffer(q, "export_pts_inv", (1.0 / q.pts_factors.float()).reshape(_channel_shape(q)))
         for m in self.q.layers().values():
             for wq in m.weight_quantizers():
                 self._install_weight(m, wq)
@@ -186,11 +216,21 @@ class QdqEmitter:
                     m, "export_les_scale", m.les_scale.view(-1, 1, 1) if m.spec.kind == "conv" else m.les_scale
                 )
 
+    def _input_quantizer_of(self, m: QuantModule, wq: WeightQuantizer) -> ActQuantizer | None:
+        iq = m.input_quantizer if wq is m.weight_quantizer else getattr(m, "input_quantizer_skip", None)
+        if iq is None and m.spec.shared_input:
+            iq = self._shared.get(m.spec.shared_input)
+        return iq
+
     def _install_weight(self, m: QuantModule, wq: WeightQuantizer) -> None:
         if not wq.frozen:
             raise RuntimeError(f"{m.spec.name}: weights are not frozen; export needs the stored W_int")
         w = wq.w_int
         scale, zp = wq.scale.detach().reshape(-1).float(), wq.zero_point.reshape(-1)
+        # weight-only graphs (H-2) keep activations float, so the factors stay out of their weights too
+        iq = self._input_quantizer_of(m, wq) if (self.plan.pts_fold and not self.plan.weight_only) else None
+        if iq is not None and iq.pts_factors is not None:
+            w, scale = _fold_pts(m.spec.name, w, scale, zp, iq.pts_factors)
         if m.spec.kind == "linear":
             w = w.t()  # MatMul reads B = W^T: (K, N), per-channel axis 1 (deploy.md E-3)
         self._buffer(wq, "export_w", w)
@@ -210,6 +250,8 @@ class QdqEmitter:
             x = x * (1.0 / self._ratio(info))
         # the Clip keeps every integer on the b-bit grid inside the INT8 container (exact, E-9b)
         lo, hi = (q.export_clip_lo, q.export_clip_hi) if info.clip else (None, None)
+        if q.pts_factors is not None and self.plan.pts_fold:  # x / f_c (exact), per-tensor Q; f_c is in the weights
+            x, axis = x * q.export_pts_inv, None
         y = _QDQ.apply(x, q.export_scale, q.export_zp, lo, hi, q.qmin, q.qmax, axis)
         if self.plan.scale_input and not info.fold:
             y = y * self._ratio(info)

@@ -95,19 +95,22 @@ class Method:
     def uses_dmq_config(self) -> bool:
         return self.les or self.pts
 
-    def export_not_built(self, dmq: dict, *, tensorrt: bool) -> str | None:
-        """The one line an export refuses with where it cannot be exact yet; None = exportable.
+    def export_not_built(self, dmq: dict, *, tensorrt: bool, w_bits: int = 8) -> str | None:
+        """The one line an export refuses with where it cannot be exact; None = exportable.
 
-        LES exports everywhere (gamma folded into W_int, a Div by gamma before the input Q). PTS needs
-        per-channel activation scales (ONNX Runtime) or factors folded into the next weights (not built).
+        LES exports everywhere (gamma folded into W_int, a Div by gamma before the input Q). PTS exports as
+        per-channel activation scales on ONNX Runtime, and on TensorRT (per-tensor activations) as x * (1/f)
+        before the Q with f folded into the next layer's integer weights, which fits INT8 for weights of up to
+        5 bits (f down to 1/8 multiplies W_int by up to 8: export/qdq.py).
         """
-        if not (tensorrt and self.pts and dmq.get("pts")):
+        if not (tensorrt and self.pts and dmq.get("pts")) or w_bits <= PTS_FOLD_MAX_W_BITS:
             return None
-        return (f"PTS export for TensorRT targets (method '{self.name}') is not built yet: its per-channel "
-                "power-of-two activation factors run on ONNX Runtime only; quantize with --set dmq.pts=false "
-                "or use --target cpu")  # fmt: skip
+        return (f"PTS on TensorRT targets (method '{self.name}') folds its power-of-two factors into the next "
+                f"layer's weights, which stay in INT8 for weights of up to {PTS_FOLD_MAX_W_BITS} bits, not "
+                f"{w_bits}; quantize with --set dmq.pts=false or use --target cpu")  # fmt: skip
 
 
+PTS_FOLD_MAX_W_BITS = 5  # 2^(b-1) * 8 <= 128: the INT8 container of a TensorRT weight
 _REGISTRY: dict[str, Method] = {}
 
 

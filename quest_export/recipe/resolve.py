@@ -162,9 +162,9 @@ def check_target(recipe: Recipe) -> None:
             raise TargetError(
                 f"{where}: scale-input mode needs TensorRT >= 8.6; use export.scale_mode=merged or per-group"
             )
-    if q.output_quant and (q.w_bits != 8 or q.a_bits != 8):
-        raise TargetError(f"quant.output_quant is the W8A8 ONNX Runtime speed form; {q.name} gains nothing from it "
-                          "(deploy.md E-22); set quant.output_quant=false")  # fmt: skip
+    if q.output_quant and (q.w_bits not in (4, 8) or q.a_bits != 8):
+        raise TargetError(f"quant.output_quant is the W8A8 / W4A8 ONNX Runtime speed form; {q.name} gains nothing "
+                          "from it (deploy.md E-22); set quant.output_quant=false")  # fmt: skip
 
 
 def build_recipe(data: dict) -> Recipe:

@@ -149,8 +149,23 @@ def test_dmq_quantize_and_export(model_dirs, tmp_path):
     result = invoke("--quiet", "export", str(runs[0]), "--out", str(tmp_path / "exp"), "--target", "cpu")
     assert result.exit_code == 0, result.output  # ONNX Runtime: LES as a Div, PTS as per-channel Q/DQ scales
     result = invoke("--quiet", "export", str(runs[0]), "--out", str(tmp_path / "trt"), "--target", "jetson")
-    assert_user_error(result, "PTS export for TensorRT targets (method 'dmq') is not built yet")
+    # W8 weights: PTS's factors folded into them would leave INT8 (TensorRT's activations are per tensor)
+    assert_user_error(result, "PTS on TensorRT targets (method 'dmq') folds its power-of-two factors")
     assert not (tmp_path / "trt").exists()
+
+
+def test_dmq_build_for_jetson_verifies(model_dirs, tmp_path):
+    """Issue 16: `build --method dmq --target jetson` (LES and PTS on, W4A8) gives a bundle that verifies: PTS as
+    x * (1/f) before per-tensor Q/DQ with f folded into the next INT8 weights, exact (H-2)."""
+    dmq = ["--set", "dmq.les_iters=2", "--set", "dmq.pts_samples=4", "--set", "ptq.adaround_iters=1",
+           "--set", "ptq.act_batch=4"]  # fmt: skip
+    result = invoke("--quiet", "build", "--model", str(model_dirs["cond"]), "--method", "dmq", "--bits", "w4a8",
+                    "--target", "jetson", "--out", str(tmp_path / "bundle"), *QUICK, *dmq)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    man = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert any(r["pts"] and r["pts_fold"] for r in man["layers"]), [r for r in man["layers"] if r["pts"]]
+    report = json.loads((tmp_path / "bundle" / "verify.json").read_text())
+    assert report["passed"] and {t["name"] for t in report["tiers"] if t["passed"]} >= {"H-2 exact"}, report
 
 
 def test_dmq_build_for_tensorrt_is_refused_before_any_work(model_dirs, tmp_path, monkeypatch):
@@ -163,7 +178,7 @@ def test_dmq_build_for_tensorrt_is_refused_before_any_work(model_dirs, tmp_path,
     for method in ("dmq", "dmq+quest"):
         result = invoke("--quiet", "build", "--model", str(model_dirs["cond"]), "--method", method, "--target",
                         "jetson", *QUICK)  # fmt: skip
-        assert_user_error(result, f"PTS export for TensorRT targets (method '{method}') is not built yet")
+        assert_user_error(result, f"PTS on TensorRT targets (method '{method}') folds its power-of-two factors")
     assert not (tmp_path / "work" / "runs").exists()
 
 

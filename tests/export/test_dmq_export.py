@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import pytest
 
-from quest_export.errors import NotBuiltError
 from quest_export.export.exact import layer_graph_checks, weight_only_check
 from quest_export.export.exporter import merge_groups_, onnx_from_artifact
 from quest_export.export.lint import lint_model
@@ -104,16 +103,14 @@ def test_dmq_exports_exactly_for_onnx_runtime(shop, kind, bits):
     assert not report.errors, report.format_text()
 
 
-def test_pts_is_refused_on_tensorrt_and_les_alone_exports_exactly(shop, tmp_path):
-    art, _ = dmq_artifact(shop, "uncond", "w4a8", "jetson")
-    with pytest.raises(NotBuiltError, match=r"PTS export for TensorRT targets \(method 'dmq'\) is not built yet"):
-        onnx_from_artifact(art, target=load_target("jetson"), cfg=ExportConfig(), out=tmp_path / "x",
-                           calib=shop.calib("uncond"), recipe_fingerprint=FINGERPRINT,
-                           scheduler_config=SCHEDULER_CONFIG)  # fmt: skip
-    assert not (tmp_path / "x").exists()
-    art, rep = dmq_artifact(shop, "uncond", "w4a8", "jetson", sets=("dmq.pts=false",))
-    assert rep.les and not rep.pts
-    exp = export(shop, art, "jetson", "uncond-w4a8-jetson-les")
+@pytest.mark.parametrize("pts", [True, False], ids=["les+pts", "les"])
+def test_dmq_exports_exactly_for_tensorrt(shop, pts):
+    """TensorRT quantizes activations per tensor: PTS exports as x * (1/f) before a per-tensor Q, with f folded into
+    the consuming layer's INT8 weights (export/qdq.py); H-2 proves every single-layer graph exact, lint is clean."""
+    sets = () if pts else ("dmq.pts=false",)
+    art, rep = dmq_artifact(shop, "uncond", "w4a8", "jetson", sets=sets)
+    assert rep.les and bool(rep.pts) == pts
+    exp = export(shop, art, "jetson", "uncond-w4a8-jetson-" + ("les-pts" if pts else "les"))
     man = manifest_of(exp)
     feeds, fq, _, groups = reference(exp, man)
     got = [run_ort(exp, man, f, g) for f, g in zip(feeds, groups)]
@@ -126,3 +123,12 @@ def test_pts_is_refused_on_tensorrt_and_les_alone_exports_exactly(shop, tmp_path
     report = lint_model(exp / man["graphs"][0]["file"], load_target("jetson"), quantized_layers=man["layers"])
     assert not report.errors, report.format_text()
     assert np.isfinite(got[0]).all()
+    model = onnx.load(str(exp / man["graphs"][0]["file"]))
+    inits = {i.name: i for i in model.graph.initializer}
+    act_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and "weight_quantizer" not in n.name]
+    assert all(len(inits[n.input[1]].dims) == 0 for n in act_q if n.input[1] in inits)  # per-tensor activations
+    muls = [n for n in model.graph.node if n.op_type == "Mul" and any(x.endswith(".export_pts_inv") for x in n.input)]
+    n_pts = sum(r["pts"] for r in man["layers"])  # one Mul per PTS quantizer (split shortcuts have two), into a Q
+    assert (len(muls) >= n_pts > 0) if pts else not muls, (len(muls), n_pts)
+    consumers = {x: n.op_type for n in model.graph.node for x in n.input}
+    assert all(consumers.get(m.output[0]) in ("QuantizeLinear", "Clip") for m in muls)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,18 +119,21 @@ class Workshop:
         return QuantRecipe(method="quest", w_bits=bits[0], a_bits=bits[1], attention_quant=attention_quant,
                            a_symmetric=a_symmetric, w_symmetric=a_symmetric)  # fmt: skip
 
-    def artifact(self, kind: str, bits, *, attention_quant: bool, a_symmetric: bool = True) -> Path:
+    def artifact(self, kind: str, bits, *, attention_quant: bool, a_symmetric: bool = True,
+                 output_quant: bool = False) -> Path:  # fmt: skip
         def build():
             model = load_model(str(self.model_dir(kind)))
             quant = self.quant(bits, attention_quant=attention_quant, a_symmetric=a_symmetric)
+            quant = replace(quant, output_quant=output_quant)
             qunet, _ = run_stage_a(model, self.calib(kind), quant, PTQ, groups=G, device="cpu", show_progress=False)
             name = f"{kind}-w{bits[0]}a{bits[1]}-att{int(attention_quant)}-sym{int(a_symmetric)}"
+            name += "-fused" if output_quant else ""
             out = self.root / "artifacts" / name
             return save_quantized(qunet, out, recipe_fingerprint=FINGERPRINT, quant=quant, sampler=model.info.sampling,
                                   model_ref={"name": str(self.model_dir(kind)), "cond": None,
                                              "hash": model.source_hash})  # fmt: skip
 
-        return self._once(("artifact", kind, bits, attention_quant, a_symmetric), build)
+        return self._once(("artifact", kind, bits, attention_quant, a_symmetric, output_quant), build)
 
     def artifact_for(self, kind: str, bits, target_id: str) -> Path:
         return self.artifact(kind, bits, attention_quant=load_target(target_id).attention_quant)
@@ -143,6 +147,19 @@ class Workshop:
             return out
 
         return self._once(("export", kind, bits, target_id, mode), build)
+
+    def export_fused(self, kind: str, bits) -> Path:
+        """The ONNX Runtime CPU speed form (quant.output_quant: Q/DQ on layer inputs and outputs), merged scales."""
+
+        def build():
+            out = self.root / "exports" / cell_id((kind, bits, "cpu", "fused"))
+            art = self.artifact(kind, bits, attention_quant=load_target("cpu").attention_quant, output_quant=True)
+            onnx_from_artifact(art, target=load_target("cpu"), cfg=ExportConfig(scale_mode="merged"), out=out,
+                               calib=self.calib(kind), recipe_fingerprint=FINGERPRINT,
+                               scheduler_config=SCHEDULER_CONFIG)  # fmt: skip
+            return out
+
+        return self._once(("export-fused", kind, bits), build)
 
 
 _WORKSHOPS: dict[Path, Workshop] = {}
@@ -607,3 +624,30 @@ def test_workshop_exports_are_distinct(shop):
     a = shop.export("uncond", (8, 8), "cpu", "merged")
     b = shop.export("uncond", (4, 8), "cpu", "merged")
     assert a != b and manifest_of(a)["precision"]["mode"] == "W8A8" and manifest_of(b)["precision"]["mode"] == "W4A8"
+
+
+class _OutQ:
+    """Stand-in for an output quantizer: one per-tensor scale per group."""
+
+    def __init__(self, step: float) -> None:
+        self.scales = [torch.tensor([step])]
+
+
+@pytest.mark.parametrize("flips,ok", [
+    ({3: 1.0}, True),  # one element one output step off: a rounding flip
+    ({3: 1.0, 900: -1.0}, True),
+    ({3: 2.0}, False),  # two steps: a wrong scale or weight, not a flip
+    ({i: 1.0 for i in range(0, 4096, 2)}, False),  # half the elements one step off: a systematic error
+])  # fmt: skip
+def test_h2_output_rounding_allowance(flips, ok):
+    """H-2 single-layer check of a layer with an output quantizer (quant.output_quant): one output step on at most
+    1e-3 of the elements passes, anything larger or more frequent fails (planted here)."""
+    from quest_export.export.exact import _output_rounding_allowance
+
+    step = 0.0176
+    want = (np.arange(4096, dtype=np.float32) % 17 - 8) * step
+    got = want.copy()
+    for i, k in flips.items():
+        got[i] += k * step
+    row = _output_rounding_allowance(got, want, _OutQ(step), 0, limit=1e-5)
+    assert row["pass"] is ok and row["output_step"] == pytest.approx(step)

@@ -4,6 +4,7 @@ tiny UNets."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -163,12 +164,19 @@ def test_method_runs_end_to_end_on_the_tiny_unet(method, calib_cond, tmp_path):
     art = load_quantized(out, model=tiny_model("cond"))
     with torch.no_grad(), art.qunet.mode(QuantMode.FULL):
         assert torch.equal(run_unet(art.qunet.unet, *batch), y)
-    # PTS has no exact TensorRT form yet: a TensorRT export refuses before any work, naming what to do
+    # PTS on TensorRT folds f into the next weights (tests/export/test_dmq_export.py); with weights wider than 5 bits
+    # the folded integers leave INT8, so such an artifact's TensorRT export refuses before any work, naming the fix
     from quest_export.export.exporter import onnx_from_artifact
+    from quest_export.quant.artifact import PLAN_FILE
     from quest_export.recipe.config import ExportConfig
     from quest_export.recipe.targets import load_target
 
-    with pytest.raises(NotBuiltError, match=r"PTS export for TensorRT targets .* is not built yet.*dmq.pts=false"):
+    meta = json.loads((out / PLAN_FILE).read_text())
+    meta["quant"]["w_bits"] = 8
+    (out / PLAN_FILE).write_text(json.dumps(meta))
+    with pytest.raises(
+        NotBuiltError, match=r"PTS on TensorRT targets .* up to 5 bits, not 8; quantize with --set dmq.pts=false"
+    ):
         onnx_from_artifact(out, target=load_target("jetson"), cfg=ExportConfig(), out=tmp_path / "exp",
                            calib=calib_cond, recipe_fingerprint="0" * 64, scheduler_config={})  # fmt: skip
     assert not (tmp_path / "exp").exists()

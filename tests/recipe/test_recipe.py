@@ -451,8 +451,8 @@ def test_profile_table_covers_every_profile():
     ("jetson-orin-jp60", ["export.int4_gemm=true"], r"TensorRT 8.6.2\) has no INT4 weights"),
     ("gpu", ["quant.output_quant=true"], r"quant.output_quant \(the QLinearConv form\) is an ONNX Runtime CPU form"),
     ("jetson-thor-jp7", ["quant.output_quant=true"], r"set quant.output_quant=false"),
-    ("cpu", ["quant.output_quant=true", "quant.w_bits=4"], r"output_quant is the W8A8 ONNX Runtime speed form; w4a8"),
-    ("cpu", ["quant.output_quant=true", "quant.a_bits=4"], r"output_quant is the W8A8 ONNX Runtime speed form; w8a4"),
+    ("cpu", ["quant.output_quant=true", "quant.a_bits=4"], r"output_quant is the W8A8 / W4A8 ONNX Runtime speed form; w8a4"),
+    ("cpu", ["quant.output_quant=true", "quant.w_bits=6"], r"speed form; w6a8 gains nothing"),
     ("jetson-orin-jp51", ["export.scale_mode=scale-input"], r"scale-input mode needs TensorRT >= 8.6"),
 ])  # fmt: skip
 def test_check_target_refusals(target, sets, match):
@@ -465,6 +465,7 @@ def test_check_target_refusals(target, sets, match):
     ("gpu", ["export.int4_gemm=true"]),
     ("jetson", ["export.int4_gemm=true"]),
     ("cpu", ["quant.output_quant=true"]),  # the fused in/out form: W8A8 on ONNX Runtime
+    ("cpu", ["quant.output_quant=true", "quant.w_bits=4"]),  # W4A8: INT4 widened to INT8 at load (issue 17)
     ("cpu", ["quant.a_symmetric=false", "quant.a_bits=4", "quant.a_granularity=per-channel"]),
     ("jetson-orin-jp60", ["export.scale_mode=scale-input"]),  # TensorRT 8.6.2
     ("gpu", ["quant.a_bits=4"]),  # A4 in the INT8 container

@@ -405,6 +405,8 @@ def _e8_container_range(g: _Graph) -> Iterator[_Finding]:
         if not isinstance(bits, int) or bits >= 8:
             continue
         q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        k = layer.get("pts_fold") or 1  # DMQ's PTS factors folded into W_int on TensorRT: up to K times the range
+        q_min, q_max = q_min * k, q_max * k
         for node in g.layer_nodes(layer):
             dq = g.weight_dq(node)
             w = None if dq is None or g.dtype(dq.input[0]) != T.INT8 else g.array(dq.input[0])
