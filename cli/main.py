@@ -320,11 +320,27 @@ def build(backend, work, out, from_bundle, resume, force, allow_experimental, np
 @click.option("--device", default="cpu")
 @click.option("--manifest-only", is_flag=True,
               help="only the manifest check (paths, hashes, unlisted engines, an engine folder vs this device)")  # fmt: skip
+@click.option(
+    "--device-side",
+    is_flag=True,
+    help="run the bundle's own device-side verify (what the device runs) with torch blocked",
+)
+@click.option("--json", "json_path", default=None, metavar="FILE", help="with --device-side: write the report here")
 @guarded
-def verify(path, quantized, backend, device, manifest_only):
+def verify(path, quantized, backend, device, manifest_only, device_side, json_path):
     """Check an export, ORT build, bundle or engine folder against its fake-quant references (exit 3 on failure)."""
     if manifest_only:
         click.echo(pipeline.check_manifest(path))
+        return
+    if json_path and not device_side:
+        raise click.UsageError("--json goes with --device-side (the host verify writes DIR/verify.json)")
+    if device_side:
+        rep = pipeline.verify_device_side(path, backend=backend, json_path=json_path)
+        click.echo(pipeline.format_device_verify(rep))
+        if not rep["passed"]:
+            first = next(t for t in rep["tiers"] if t["passed"] is False)
+            click.echo(f"error: {first['name']} failed: {first['summary']}", err=True)
+            sys.exit(3)
         return
     rep = pipeline.verify(path, quantized=quantized, backend=backend, device=device)
     click.echo(pipeline.format_verify(rep))

@@ -397,7 +397,8 @@ def _export(r: _Run, paths):
         return path, True, {"precision": m["precision"], "onnx": m["onnx"]}
     calib = CalibrationSet.load(paths["calibrate"])
     res = onnx_from_artifact(paths["quantize"], target=r.recipe.target, cfg=r.recipe.export, out=path, calib=calib,
-                             recipe_fingerprint=r.recipe.fingerprint(), scheduler_config=r.info.scheduler_config)  # fmt: skip
+                             recipe_fingerprint=r.recipe.fingerprint(), scheduler_config=r.info.scheduler_config,
+                             verify=r.recipe.verify)  # fmt: skip
     _stamp(path, r.keys["export"])
     return path, False, {"precision": res.manifest["precision"], "onnx": res.manifest["onnx"]}
 
@@ -539,7 +540,7 @@ def export_artifact(artifact: str | Path, recipe: Recipe, *, out: str | Path) ->
     with output_lock(out):
         res = onnx_from_artifact(artifact, target=recipe.target, cfg=recipe.export, out=out,
                                  calib=CalibrationSet.load(calib_dir), recipe_fingerprint=recipe.fingerprint(),
-                                 scheduler_config=info_.scheduler_config)  # fmt: skip
+                                 scheduler_config=info_.scheduler_config, verify=recipe.verify)  # fmt: skip
     return res.manifest
 
 
@@ -548,6 +549,33 @@ def verify(path: str | Path, recipe: Recipe | None = None, *, quantized: str | N
     from quest_export.verify.harness import verify_build
 
     return verify_build(path, recipe=recipe, quantized=quantized, backend=backend, device=device)
+
+
+def verify_device_side(path: str | Path, *, backend: str | None = None, json_path: str | None = None) -> dict:
+    """The bundle's own device-side verify (quest_export_runtime.verify) on this host, with torch blocked in this
+    process (``import torch`` raises), so it proves the device needs no torch. Returns the report dict."""
+    import sys
+
+    from quest_export_runtime.verify import device_verify, write_report
+
+    if sys.modules.get("torch") is not None:
+        raise InputError("torch is already imported in this process, so it cannot be blocked; run the device's "
+                         f"entry point instead: python -m quest_export_runtime.verify {path}")  # fmt: skip
+    sys.modules["torch"] = None  # type: ignore[assignment]  # every `import torch` now raises ImportError
+    try:
+        report = device_verify(path, backend=backend).to_dict()
+    finally:
+        del sys.modules["torch"]
+    report["torch_blocked"] = True
+    if json_path:
+        write_report(report, json_path)
+    return report
+
+
+def format_device_verify(report: dict) -> str:
+    from quest_export_runtime.verify import format_table
+
+    return format_table(report)
 
 
 def check_manifest(path: str | Path) -> str:

@@ -498,7 +498,12 @@ on the same device class.
 {verify_block}
 
 The tolerance is the H-3 bound: mean |engine - fake-quant| may reach {VerifyConfig().mean_err_factor} times
-the fake-quant model's own mean error against the float model.
+the fake-quant model's own mean error against the float model. With the runtime installed (no torch needed),
+the device-side verify runs H-3 on every recorded step and H-4 (the runtime's sampler from the recorded noise and
+labels against the fake-quant images recorded at export) with the manifest's thresholds on this folder's graph
+(ONNX Runtime: `quest-export-runtime[ort]`); exit 3 names the tier and its worst step:
+
+    python3 -m quest_export_runtime.verify . --json verify-device.json
 
 ## Run
 

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 from quest_export_runtime.manifest import atomic_dir, write_manifest
+from quest_export_runtime.verify import THRESHOLD_KEYS
 
 from quest_export import __version__
 from quest_export.errors import ExportError, TargetError
@@ -30,7 +31,7 @@ from quest_export.export.lint.graph import RATIOS_INPUT, UNET_INPUTS
 from quest_export.export.qdq import ExportPlan, QdqEmitter, plan_acts
 from quest_export.quant.artifact import load_quantized
 from quest_export.quant.model import QuantizedUNet, QuantMode
-from quest_export.recipe.config import ExportConfig, TargetProfile, to_jsonable
+from quest_export.recipe.config import ExportConfig, TargetProfile, VerifyConfig, to_jsonable
 
 log = logging.getLogger(__name__)
 INPUTS = tuple(UNET_INPUTS)  # the interface `quest-export lint` checks (G-2)
@@ -252,6 +253,34 @@ def _write_reference(tmp: Path, feeds, groups, fq_outs, float_outs) -> dict:
             "feeds": "reference/feeds.json", "groups": groups}  # fmt: skip
 
 
+E2E_SEED = 12345  # the initial noise of the recorded end-to-end images (and of the host's torch H-4)
+
+
+def _record_e2e(qunet, art, scheduler_config: dict, verify: VerifyConfig, mode: str, shape) -> tuple:
+    """The fake-quant sampler's final images from fixed noise and labels, with the export's numerics, for the
+    device-side H-4 (no torch on the device). Returns (manifest entry, latents, images)."""
+    from quest_export.models.sampling import SamplerSpec, sample
+
+    spec = art.meta["sampler"]
+    steps = verify.e2e_steps or spec["steps"]
+    if mode in ("per-group", "scale-input"):
+        steps = spec["steps"]  # these graphs serve only the calibrated step count
+    n = verify.e2e_samples
+    latents = np.random.default_rng(E2E_SEED).standard_normal((n, *shape)).astype(np.float32)
+    cond = art.model.conditioning
+    labels = None if cond is None else [cond.cond_rows[k % len(cond.cond_rows)] for k in range(n)]
+    sspec = SamplerSpec(sampler=spec["sampler"], steps=steps, eta=spec.get("eta", 0.0),
+                        guidance_scale=spec.get("guidance_scale", 1.0))  # fmt: skip
+    dev = next(qunet.unet.parameters()).device
+    with qunet.mode(QuantMode.FULL), torch.no_grad():
+        images = sample(qunet.unet, scheduler_config, noise=torch.from_numpy(latents).to(dev), spec=sspec,
+                        cond=None if cond is None else cond.rows(torch.tensor(labels)).to(dev),
+                        uncond=None if cond is None or cond.uncond is None else cond.uncond.to(dev))  # fmt: skip
+    entry = {"latents": "reference/e2e_latents.npy", "images": "reference/e2e_images.npy", "labels": labels,
+             "steps": steps, "n": n, "seed": E2E_SEED}  # fmt: skip
+    return entry, latents, images.float().cpu().numpy()
+
+
 def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
     """NotBuiltError for PTS factors on a TensorRT target where they cannot be folded into the next layer's
     weights (weights wider than 5 bits); a graph without them would compute something else."""
@@ -273,7 +302,8 @@ def refuse_pts_on_tensorrt(artifact: str | Path, target: TargetProfile) -> None:
 
 
 def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: ExportConfig, out: str | Path, calib,
-                       recipe_fingerprint: str, scheduler_config: dict, device: str = "cpu") -> ExportResult:  # fmt: skip
+                       recipe_fingerprint: str, scheduler_config: dict, device: str = "cpu",
+                       verify: VerifyConfig | None = None) -> ExportResult:  # fmt: skip
     """Export a quantized artifact for ``target`` into ``out`` (written atomically).
 
     Raises:
@@ -369,6 +399,8 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
     # references: fake-quant with the exported numerics, and the original float model
     float_model = load_model(art.meta["model"]["name"], cond=art.meta["model"].get("cond"))
     fq = [_run_reference(qunet.unet, f, qunet, g if mode != "merged" else 0) for f, g in zip(feeds, feed_groups)]
+    verify = verify or VerifyConfig()
+    e2e, latents, images = _record_e2e(qunet, art, scheduler_config, verify, mode, feeds[0]["sample"].shape[1:])
     fl = [_run_reference(float_model.unet, f, None, g) for f, g in zip(feeds, feed_groups)]
     ratios = None
     if mode == "scale-input":
@@ -390,6 +422,10 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
                       metadata={"uncond_index": str(c.uncond_index), "labels": json.dumps(c.labels)})  # fmt: skip
             cond_meta = {"file": "conditioning.safetensors", "uncond_index": c.uncond_index, "labels": c.labels}
         reference = _write_reference(tmp, feeds, feed_groups, fq, fl)
+        np.save(tmp / e2e["latents"], latents, allow_pickle=False)
+        np.save(tmp / e2e["images"], images, allow_pickle=False)
+        reference["e2e"] = e2e  # device-side H-4 (quest_export_runtime/verify.py)
+        reference["thresholds"] = {k: getattr(verify, k) for k in THRESHOLD_KEYS}
         io_in = [{"name": "sample", "dtype": "float32", "shape": ["batch", *feeds[0]["sample"].shape[1:]]},
                  {"name": "timestep", "dtype": "float32", "shape": ["batch"]}]  # fmt: skip
         if conditional:

@@ -60,46 +60,32 @@ class VerifyReport:
 
 
 def _load_reference(root: Path, manifest: dict):
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import load_json
-    from polygraphy.logger import G_LOGGER
+    from quest_export_runtime.verify import load_reference
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    return load_reference(root, manifest)
 
-    ref = manifest["reference"]
-    feeds = load_json(str(root / ref["inputs"]))
-    fq = [o["noise_pred"] for o in RunResults.load(str(root / ref["ref_fq"]))[0][1]]
-    fl = [o["noise_pred"] for o in RunResults.load(str(root / ref["ref_float"]))[0][1]]
-    return feeds, fq, fl, ref["groups"]
+
+def thresholds(cfg: VerifyConfig) -> dict:
+    """The tiers' thresholds as the manifest records them for the device (reference.thresholds)."""
+    from quest_export_runtime.verify import THRESHOLD_KEYS
+
+    return {k: getattr(cfg, k) for k in THRESHOLD_KEYS}
 
 
 def statistical_tier(art, cfg: VerifyConfig, *, backend: str | None = None) -> tuple[Tier, list[np.ndarray], list]:
-    """H-3 on the recorded feeds; returns the tier, the run's outputs and the feeds."""
-    from quest_export_runtime.pipeline import Denoiser
+    """H-3 on the recorded feeds (the device-side code: quest_export_runtime.verify); the tier, outputs, feeds."""
+    from quest_export_runtime.verify import statistical
 
-    feeds, fq, fl, groups = _load_reference(art.root, art.manifest)
-    rows, ok = [], True
-    outs = []
-    with Denoiser(art, backend=backend) as den:
-        for feed, ref_q, ref_f, g in zip(feeds, fq, fl, groups):
-            out = den(feed["sample"], feed["timestep"], feed.get("encoder_hidden_states"))
-            outs.append(out)
-            e_run = error_stats(out, ref_q)
-            err_fq_fl = float(np.mean(np.abs(ref_q - ref_f)))
-            err_run_fl = float(np.mean(np.abs(out - ref_f)))
-            std = float(ref_q.std()) or 1.0
-            ratio = err_run_fl / err_fq_fl if err_fq_fl > 0 else 1.0
-            row = {"group": g, "t": float(feed["timestep"][0]), **{k: round(v, 6) for k, v in e_run.items()},
-                   "ratio": round(ratio, 4), "mean_err_over_std": round(e_run["mean_abs"] / std, 6),
-                   "fq_float_over_std": round(err_fq_fl / std, 6)}  # fmt: skip
-            row["pass"] = bool(e_run["cosine"] >= cfg.cosine_min and cfg.ratio_min <= ratio <= cfg.ratio_max
-                               and e_run["mean_abs"] / std <= cfg.mean_err_factor * err_fq_fl / std + 1e-6)  # fmt: skip
-            ok &= row["pass"]
-            rows.append(row)
-    worst = min(rows, key=lambda r: r["cosine"])
-    summary = (f"{sum(r['pass'] for r in rows)}/{len(rows)} steps pass; worst cosine {worst['cosine']:.5f} "
-               f"(group {worst['group']}), ratio range {min(r['ratio'] for r in rows):.3f}-{max(r['ratio'] for r in rows):.3f}")  # fmt: skip
-    return Tier("H-3 statistical", ok, summary, {"steps": rows}), outs, feeds
+    t, outs, feeds = statistical(art, thresholds(cfg), backend=backend)
+    return Tier(t.name, t.passed, t.summary, t.details), outs, feeds
+
+
+def recorded_e2e_tier(art, cfg: VerifyConfig, *, backend: str | None = None) -> Tier:
+    """H-4 against the fake-quant images recorded at export (the device-side code): no torch needed."""
+    from quest_export_runtime.verify import end_to_end
+
+    t = end_to_end(art, thresholds(cfg), backend=backend)
+    return Tier(t.name, t.passed, t.summary, t.details)
 
 
 def _torch_reference(quantized: Path, manifest: dict, device: str):
@@ -210,15 +196,20 @@ def verify_build(path: str | Path, *, recipe: Recipe | None = None, cfg: VerifyC
     tiers.append(h3)
     src = quantized or art.manifest.get("source", {}).get("artifact")
     have_torch = importlib.util.find_spec("torch") is not None
+    recorded = "e2e" in (art.manifest.get("reference") or {})
+    if recorded:  # the fake-quant sampler's images were recorded at export: the device-side comparison
+        tiers.append(recorded_e2e_tier(art, cfg, backend=backend))
     if src and have_torch and Path(src).is_dir() and art.backend == "ort":
         tiers.insert(0, exact_tier(art, Path(src), cfg, device=device))
-        tiers.append(e2e_tier(art, Path(src), cfg, device=device, backend=backend))
+        if not recorded:
+            tiers.append(e2e_tier(art, Path(src), cfg, device=device, backend=backend))
     else:
         why = "torch is not installed" if not have_torch else "the fake-quant artifact is not available here"
         if art.backend == "trt":
             why = "TensorRT engines are compared on recorded references only"
         tiers.insert(0, Tier("H-2 exact", None, f"skipped: {why}"))
-        tiers.append(Tier("H-4 end-to-end", None, f"skipped: {why}"))
+        if not recorded:
+            tiers.append(Tier("H-4 end-to-end", None, f"skipped: {why}"))
     report = VerifyReport(artifact=str(path), runner=runner, tiers=tiers)
     if not report.passed and src and have_torch and Path(src).is_dir() and art.backend == "ort":
         rows = h3.details["steps"]

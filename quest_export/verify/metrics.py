@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from quest_export_runtime.metrics import error_stats, psnr  # noqa: F401  (one definition, shared with the device)
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,12 +21,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
 
 
-def psnr(a: np.ndarray, b: np.ndarray, *, data_range: float = 2.0) -> float:
-    """PSNR (dB) of images in [-1, 1] (data range 2), over the whole batch."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
-
-
 def _box(x: np.ndarray, k: int) -> np.ndarray:
     """Mean over k x k windows (valid positions) of images (N, C, H, W)."""
     c = np.cumsum(np.cumsum(np.pad(x, ((0, 0), (0, 0), (1, 0), (1, 0))), axis=2), axis=3)
@@ -41,18 +36,3 @@ def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 2.0, window: int =
     cxy = _box(x * y, window) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(s.mean())
-
-
-def error_stats(run: np.ndarray, ref: np.ndarray, *, quantile: float = 0.99) -> dict[str, float]:
-    """max/mean abs error, relative L2, cosine similarity and an abs-error quantile of run vs ref."""
-    r, f = np.asarray(run, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
-    d = np.abs(r - f)
-    denom = np.linalg.norm(r) * np.linalg.norm(f)
-    return {
-        "max_abs": float(d.max()),
-        "mean_abs": float(d.mean()),
-        "rel_l2": float(np.linalg.norm(r - f) / max(np.linalg.norm(f), 1e-30)),
-        "cosine": float(np.dot(r, f) / denom) if denom > 0 else 1.0,
-        f"p{int(quantile * 100)}_abs": float(np.quantile(d, quantile)),
-        "ref_std": float(f.std()),
-    }
