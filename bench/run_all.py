@@ -65,12 +65,15 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out / "work"
-    order = ["export_sizes", "ort_precision", "float_eval", "recon_speed", "quality", "ablation_w4a4",
+    order = ["export_sizes", "ort_speed", "ort_precision", "float_eval", "recon_speed", "quality", "ablation_w4a4",
              "engine_agreement"]  # fmt: skip
     scripts = {s.stem for s in HERE.glob("*.py")} - {"run_all"}
     missing = sorted(scripts - set(order))
     if missing:  # a new bench script must be added here, not forgotten
-        print(f"error: bench/run_all.py does not know {', '.join(missing)}: add it to commands()", file=sys.stderr)
+        print(
+            f"error: bench/run_all.py does not know {', '.join(missing)}: add it to commands() and order",
+            file=sys.stderr,
+        )
         return 2
     only = args.only.split(",") if args.only else order
     unknown = sorted(set(only) - set(order))
