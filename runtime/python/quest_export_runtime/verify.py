@@ -156,7 +156,9 @@ def device_verify(path, *, backend: str | None = None) -> DeviceReport:
         else:
             tiers.append(Tier("H-4 end-to-end", None, f"skipped: no recorded end-to-end references; {redo}"))
     tiers.insert(0, Tier("H-2 layers", None, "not recorded: device-side layer references are not built yet"))
-    return DeviceReport(artifact=str(path), runner=runner, tiers=tiers, torch_loaded=sys.modules.get("torch") is not None)
+    return DeviceReport(
+        artifact=str(path), runner=runner, tiers=tiers, torch_loaded=sys.modules.get("torch") is not None
+    )
 
 
 def format_table(report: dict) -> str:
