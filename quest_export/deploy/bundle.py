@@ -88,12 +88,17 @@ def bundle_from_export(
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(export_dir / rel, tmp / rel)
         verify = _verify_commands(tmp, manifest, refs)
-        _write(tmp / "build.sh", render_build_sh(plan, manifest["graphs"], verify), executable=True)
+        data = {loc: manifest["files"][loc] for g in manifest["graphs"] for loc in _external_data(tmp / g["file"])
+                if loc in manifest.get("files", {})}  # fmt: skip
+        _write(tmp / "build.sh", render_build_sh(plan, manifest["graphs"], verify, external_data=data),
+               executable=True)  # fmt: skip
         _write(tmp / "build_engine.py", BUILD_ENGINE_PY, executable=True)
         runtime_wheel(tmp / WHEELS)
-        _write(tmp / "README.md", render_readme(plan, manifest, verify))
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        _write(tmp / "README.md", render_readme(plan, manifest, verify, size_bytes=size))
         extra = {k: v for k, v in manifest.items() if k not in BASE_KEYS}
         extra["build"] = plan.to_dict()
+        extra["size_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())  # manifest excluded
         write_manifest(tmp, stage="bundle", recipe_fingerprint=manifest.get("recipe_fingerprint"),
                        config=manifest.get("config"), inputs={"export": sha256_file(export_dir / MANIFEST_NAME)},
                        extra=extra)  # fmt: skip
@@ -271,9 +276,22 @@ def _verify_commands(tmp: Path, manifest: dict, ref: dict) -> list[str]:
 # -- build.sh ------------------------------------------------------------------------------------
 
 
-def render_build_sh(plan: BuildPlan, graphs: list[dict], verify: list[str]) -> str:
-    """The bundle's bash build script: platform check (J-5), one trtexec call per graph, verify hint."""
+def render_build_sh(plan: BuildPlan, graphs: list[dict], verify: list[str],
+                    external_data: dict[str, str] | None = None) -> str:  # fmt: skip
+    """The bundle's bash build script: platform check (J-5), one trtexec call per graph, verify hint.
+
+    external_data: {file: sha256} of the graphs' external-data files (model.onnx.data, weights.bin); build.sh
+    refuses to run trtexec when one is missing or differs (sha256sum, where installed), since TensorRT's parser
+    reads them from beside the graph and its own error names neither the file nor the fix.
+    """
     q = shlex.quote
+    checks = []
+    for name, digest in sorted((external_data or {}).items()):
+        checks.append(f'[ -f {q(name)} ] || die "{name} is missing: the graph keeps its weights in it; copy the '
+                      'whole bundle folder"')  # fmt: skip
+        checks.append(f"if command -v sha256sum >/dev/null 2>&1; then\n"
+                      f'  [ "$(sha256sum {q(name)} | cut -d" " -f1)" = {q(digest)} ] || die "{name} differs from '
+                      'the bundle manifest (a partial copy?); copy the bundle again"\nfi')  # fmt: skip
     builds = []
     for graph in graphs:
         files = engine_files(graph.get("group"))
@@ -293,6 +311,7 @@ def render_build_sh(plan: BuildPlan, graphs: list[dict], verify: list[str]) -> s
         "@@PLATFORM_CHECK@@": _platform_check(plan),
         "@@HINT@@": _targets_hint().replace('"', "'"),
         "@@BUILDS@@": "\n".join(builds),
+        "@@EXTERNAL_DATA@@": "\n".join(checks) or "# (no external data: every graph holds its own weights)",
         "@@VERIFY@@": "\n".join(f"  {c}" for c in verify),
     }
     text = BUILD_SH
@@ -395,6 +414,9 @@ if [ -e "$CACHE" ] && [ "$(cat "$CACHE.json" 2>/dev/null || true)" != "$CACHE_KE
   die "timing cache $CACHE has another or no key ($CACHE.json); delete both files to start a new cache"
 fi
 
+# External data: TensorRT's ONNX parser reads it from beside the graph (issue 15).
+@@EXTERNAL_DATA@@
+
 mkdir -p engine
 echo "build.sh: TensorRT $TRT_FOUND ($TRTEXEC), target $TARGET"
 @@BUILDS@@
@@ -434,8 +456,18 @@ if __name__ == "__main__":
 # -- README.md -----------------------------------------------------------------------------------
 
 
-def render_readme(plan: BuildPlan, manifest: dict, verify: list[str]) -> str:
-    """Device-side instructions: contents, build and verify commands, runtime, versions, known limits."""
+def _size_line(size_bytes: int | None, manifest: dict) -> str:
+    if size_bytes is None:
+        return ""
+    data = manifest.get("external_data") or manifest.get("weights_file")
+    where = f", of which the weights in `{data}`" if data else ""
+    return f"\n\nSize: {size_bytes / 2**20:.1f} MiB ({size_bytes} bytes){where}; copy the whole folder."
+
+
+def render_readme(plan: BuildPlan, manifest: dict, verify: list[str], size_bytes: int | None = None) -> str:
+    """Device-side instructions: contents, build and verify commands, runtime, versions, known limits.
+
+    size_bytes: the bundle's files before this README and the manifest (stated in the README)."""
     prec = manifest.get("precision") or {}
     jetson = f"JetPack {plan.jetpack}, " if plan.jetpack else ""
     graphs = ", ".join(g["file"] for g in manifest["graphs"])
@@ -459,7 +491,7 @@ def render_readme(plan: BuildPlan, manifest: dict, verify: list[str]) -> str:
 Recipe `{manifest.get("recipe_fingerprint")}`, precision {prec.get("mode", "?")}, scale mode
 {manifest.get("scale_mode", "?")}. Expected on the device: {jetson}TensorRT {plan.trt_version},
 compute capability {" or ".join(plan.compute_capabilities)}; typing {plan.typing}
-(trtexec flags: `{" ".join(plan.flags) or "none"}`).
+(trtexec flags: `{" ".join(plan.flags) or "none"}`).{_size_line(size_bytes, manifest)}
 
 ## Inside
 

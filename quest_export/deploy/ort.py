@@ -65,6 +65,25 @@ def _counts(path: Path) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def _external_locations(path: Path) -> set[str]:
+    """The external-data files a graph refers to (none for a self-contained one)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {e.value for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}  # fmt: skip
+
+
+def _drop_unreferenced_data(folder: Path, graph_files: list[str], candidates: set[str]) -> None:
+    """Delete the data files in ``candidates`` that no remaining graph refers to (the export's model.onnx.data
+    once model.opt.onnx carries its own, a replaced trial's)."""
+    used = set()
+    for g in graph_files:
+        used |= _external_locations(folder / g)
+    for name in candidates - used:
+        (folder / name).unlink(missing_ok=True)
+
+
 def optimize_graph(src: Path, dst: Path | None, *, level: str, providers: list[str], bake: dict | None = None
                    ) -> dict[str, int]:  # fmt: skip
     """Let ONNX Runtime optimise ``src`` at ``level``; write the result to ``dst`` (or a temp file) and count ops.
@@ -73,7 +92,11 @@ def optimize_graph(src: Path, dst: Path | None, *, level: str, providers: list[s
 
     with tempfile.TemporaryDirectory() as td:
         path = dst or Path(td) / "opt.onnx"
-        so = _session_options(ort, level, path, (bake or {}).get("config"))
+        extra = dict((bake or {}).get("config") or {})
+        if _external_locations(src):  # a graph with external data is saved with its own beside it (issue 15)
+            extra.update({"session.optimized_model_external_initializers_file_name": path.name + ".data",
+                          "session.optimized_model_external_initializers_min_size_in_bytes": "1024"})  # fmt: skip
+        so = _session_options(ort, level, path, extra)
         disabled = (bake or {}).get("disabled_optimizers", DISABLED_OPTIMIZERS)
         try:
             ort.InferenceSession(str(src), so, providers=providers, disabled_optimizers=disabled)
@@ -154,12 +177,16 @@ def ort_engine_from_export(export_dir: str | Path, *, out: str | Path, target: T
                 new_graphs.append(g)
             else:
                 dst = tmp / "model.opt.onnx"
+                data = _external_locations(src)
                 shipped = optimize_graph(src, dst, level=level, providers=providers)
                 baked = _bake_u8u8(src, dst, shipped, level=level, providers=providers)
                 if baked is not None:
                     shipped, audit["baked"] = baked, U8U8_BAKE
                 (tmp / g["file"]).unlink()
                 new_graphs.append({**g, "file": dst.name})
+                if data:  # the export's data file goes once model.opt.onnx refers to its own
+                    data |= {dst.name + ".data", dst.name + ".u8u8.data"}
+                    _drop_unreferenced_data(tmp, [dst.name], data)
             full = optimize_graph(tmp / new_graphs[-1]["file"] if not per_group else src, None, level="all",
                                   providers=providers)  # fmt: skip
             audit["graphs"][g["file"]] = {
@@ -175,6 +202,9 @@ def ort_engine_from_export(export_dir: str | Path, *, out: str | Path, target: T
         (tmp / "session.json").write_text(json.dumps(session, indent=2) + "\n")
         keep = {k: v for k, v in manifest.items() if k not in BASE_KEYS}
         keep["graphs"] = new_graphs
+        if not per_group:
+            locs = sorted(_external_locations(tmp / new_graphs[0]["file"]))
+            keep["external_data"] = locs[0] if locs else None
         write_manifest(tmp, stage="build-ort", recipe_fingerprint=manifest.get("recipe_fingerprint"),
                        config={"level": level, "providers": providers},
                        inputs={"export": manifest.get("stage_key") or manifest.get("recipe_fingerprint") or ""},

@@ -23,11 +23,16 @@ from quest_export.verify.metrics import error_stats
 
 
 def _ort_run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    import tempfile
+
     import onnxruntime as ort
+
+    from quest_export.export.graph import session_source
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="quest-ort-") as td:  # graphs past 256 MiB go through a file
+        sess = ort.InferenceSession(session_source(model, td), so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feed.items() if k in names})
 

@@ -160,12 +160,25 @@ def precision_note(w_bits: int, a_bits: int, target: TargetProfile, *, int4_bloc
     return "; ".join(notes) or "INT8 kernels"
 
 
+def external_data(model: onnx.ModelProto, cfg: ExportConfig) -> bool:
+    """Whether the single graph keeps its initializers in model.onnx.data (export.external_data: auto | always |
+    never; auto: past G.EXTERNAL_DATA_AUTO bytes, so that no tool has to serialize a proto near protobuf's 2 GB)."""
+    if cfg.external_data == "always":
+        return True
+    if cfg.external_data == "never":
+        if G.initializer_bytes(model) > (2 << 30) - (64 << 20):
+            raise ExportError("export.external_data=never, but the graph's initializers are past protobuf's 2 GB "
+                              "limit; use auto or always")  # fmt: skip
+        return False
+    return G.initializer_bytes(model) > G.EXTERNAL_DATA_AUTO
+
+
 LEGACY_MAX_OPSET = 20  # the TorchScript exporter's newest opset; 21 is reached by onnx's version converter
 
 
 def _trace(qunet: QuantizedUNet, plan: ExportPlan, example: dict, *, conditional: bool) -> onnx.ModelProto:
     """Trace the quantized UNet with the TorchScript exporter (route R3) into an ONNX model in memory."""
-    import io
+    import tempfile
     import warnings
 
     emitter = QdqEmitter(qunet, plan)
@@ -180,23 +193,23 @@ def _trace(qunet: QuantizedUNet, plan: ExportPlan, example: dict, *, conditional
         args.append(torch.ones(len(plan.acts)))
         names.append(RATIOS)
     trace_opset = min(plan.opset, LEGACY_MAX_OPSET)
-    buf = io.BytesIO()
-    with emitter.installed(), torch.no_grad(), qunet.ctx.select(plan.group or 0), qunet.mode(QuantMode.FULL):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape math in diffusers
-                torch.onnx.export(wrapper, tuple(args), buf, dynamo=False, opset_version=trace_opset,
-                                  input_names=names, output_names=[OUTPUT], dynamic_axes=dyn,
-                                  do_constant_folding=True)  # fmt: skip
-        except (RuntimeError, TypeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from e
-    model = onnx.load_from_string(buf.getvalue())
+    # traced into a file: past 2 GB the exporter writes external data beside it, which a BytesIO cannot take
+    with tempfile.TemporaryDirectory(prefix="quest-trace-") as td:
+        path = Path(td) / "traced.onnx"
+        with emitter.installed(), torch.no_grad(), qunet.ctx.select(plan.group or 0), qunet.mode(QuantMode.FULL):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape math in diffusers
+                    torch.onnx.export(wrapper, tuple(args), str(path), dynamo=False, opset_version=trace_opset,
+                                      input_names=names, output_names=[OUTPUT], dynamic_axes=dyn,
+                                      do_constant_folding=True)  # fmt: skip
+            except (RuntimeError, TypeError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from e
+        model = onnx.load(str(path), load_external_data=True)
     G.inline_identity_initializers(model)
     if plan.opset > trace_opset:
-        from onnx import version_converter
-
-        model = version_converter.convert_version(model, plan.opset)
+        model = G.convert_version_large(model, plan.opset)
     return model
 
 
@@ -381,7 +394,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
                            "quest_export.target": target.id, "quest_export.scale_mode": mode,
                            "quest_export.group": "all" if g is None else str(g)})  # fmt: skip
         try:
-            onnx.checker.check_model(m, full_check=True)
+            G.check_model_large(m)
         except onnx.checker.ValidationError as e:
             raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
         report = lint_model(m, target, quantized_layers=records)
@@ -409,8 +422,9 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
                   for g in range(qunet.ctx.count)]  # fmt: skip
     with atomic_dir(out) as tmp:
         files = ["model.onnx"] if len(models) == 1 else [f"model_g{g:02d}.onnx" for g in graph_groups]
+        data_file = None
         if len(models) == 1:
-            onnx.save_model(models[0], str(tmp / files[0]))
+            data_file = G.save_graph(models[0], tmp / files[0], external=external_data(models[0], cfg))
         else:
             G.write_shared_weights(models, tmp, files, "weights.bin")
         cond_meta = None
@@ -442,6 +456,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             "scale_mode": mode,
             "graphs": [{"file": f, "group": g} for f, g in zip(files, graph_groups)],
             "weights_file": "weights.bin" if len(models) > 1 else None,
+            "external_data": data_file,  # model.onnx.data: the single graph's initializers (export.external_data)
             "groups": {**qunet.ctx.to_dict(), "steps": art.meta["sampler"]["steps"]},
             "scale_ratios": ratios,
             "sampler": art.meta["sampler"],

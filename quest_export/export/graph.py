@@ -235,3 +235,133 @@ def load_with_external(path: str | Path) -> onnx.ModelProto:
 
 def to_numpy_feed(arrays: dict) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+
+# -- graphs past protobuf's 2 GB limit (issue 15) ------------------------------------------------------------------
+# A ModelProto can hold more than 2 GB in memory, but protobuf cannot serialize it: onnx's checker, shape inference
+# and version converter, and an ONNX Runtime session made from bytes, all serialize. Their inputs are lifted out of
+# the large initializers first (``strip``) and the bytes are put back afterwards (``restore``); files past
+# EXTERNAL_DATA_AUTO keep their initializers in ``<file>.data`` beside them (``save_graph``).
+
+EXTERNAL_DATA_AUTO = 256 << 20  # initializer bytes above which `export.external_data=auto` writes <file>.data
+STRIP_MIN = 4096  # initializers at least this large are lifted out by strip(); shape constants stay inline
+_STRIPPED = "__quest_export_stripped__"
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers held in the proto (raw or typed fields; external ones not counted)."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            continue
+        if init.raw_data:
+            total += len(init.raw_data)
+        else:
+            total += int(np.prod(init.dims, dtype=np.int64)) * 4
+    return total
+
+
+def strip(model: onnx.ModelProto, min_bytes: int = STRIP_MIN) -> dict[str, bytes]:
+    """Lift the bytes of every initializer of at least ``min_bytes`` out of ``model`` (in place); returns them.
+
+    The lifted tensors are marked external (location ``__quest_export_stripped__``), so the proto stays valid for
+    the checker, shape inference and the version converter, which read dims and types only.
+    """
+    stash: dict[str, bytes] = {}
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            continue
+        if not init.raw_data and int(np.prod(init.dims, dtype=np.int64)) * 4 >= min_bytes:
+            init.raw_data = _raw(init)
+            _clear_typed(init)
+        if len(init.raw_data) >= min_bytes:
+            stash[init.name] = init.raw_data
+            init.ClearField("raw_data")
+            init.data_location = TensorProto.EXTERNAL
+            del init.external_data[:]
+            init.external_data.add(key="location", value=_STRIPPED)
+    return stash
+
+
+def restore(model: onnx.ModelProto, stash: dict[str, bytes]) -> None:
+    """Put back what ``strip`` lifted out (``model`` may be a converted copy of the stripped proto)."""
+    found = set()
+    for init in model.graph.initializer:
+        if init.name in stash and any(e.key == "location" and e.value == _STRIPPED for e in init.external_data):
+            del init.external_data[:]
+            init.ClearField("data_location")
+            init.raw_data = stash[init.name]
+            found.add(init.name)
+    missing = set(stash) - found
+    if missing:  # internal: a pass dropped or renamed an initializer it should not touch
+        raise RuntimeError(f"initializers lost while their data was lifted out: {sorted(missing)[:5]}")
+
+
+def convert_version_large(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx's version converter on a graph of any size (the weights are lifted out around it)."""
+    from onnx import version_converter
+
+    stash = strip(model)
+    try:
+        out = version_converter.convert_version(model, opset)
+    finally:
+        restore(model, stash)
+    restore(out, stash)
+    return out
+
+
+def check_model_large(model: onnx.ModelProto, *, limit: int = EXTERNAL_DATA_AUTO) -> None:
+    """onnx.checker.check_model(full_check=True) on a graph of any size: past ``limit`` initializer bytes, on a
+    copy written with external data (the checker reads that file's tensors by path, never the proto's bytes)."""
+    import tempfile
+
+    if initializer_bytes(model) <= limit:
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="quest-check-") as td:
+        save_graph(model, Path(td) / "check.onnx", external=True)
+        onnx.checker.check_model(str(Path(td) / "check.onnx"), full_check=True)
+
+
+def save_graph(model: onnx.ModelProto, path: str | Path, *, external: bool) -> str | None:
+    """Write ``model`` to ``path``; with ``external``, its initializers (>= 1 KiB) go to ``<name>.data`` beside it.
+
+    Returns the data file's name, or None. ``model`` is left as it was (the writer works on a copy's data).
+    """
+    path = Path(path)
+    if not external:
+        onnx.save_model(model, str(path))
+        return None
+    location = path.name + ".data"
+    stash = strip(model, min_bytes=1024)
+    offsets: dict[str, tuple[int, int]] = {}
+    with atomic_file(path.parent / location) as tmp, open(tmp, "wb") as f:
+        for name, raw in stash.items():
+            f.write(b"\0" * ((-f.tell()) % 64))  # 64-byte alignment, as onnx's own writer
+            offsets[name] = (f.tell(), len(raw))
+            f.write(raw)
+    try:
+        for init in model.graph.initializer:
+            if init.name in offsets:
+                del init.external_data[:]
+                off, length = offsets[init.name]
+                for k, v in (("location", location), ("offset", str(off)), ("length", str(length))):
+                    init.external_data.add(key=k, value=v)
+        onnx.save_model(model, str(path))
+    finally:
+        for init in model.graph.initializer:
+            if init.name in stash:
+                del init.external_data[:]
+                init.ClearField("data_location")
+                init.raw_data = stash[init.name]
+    return location
+
+
+def session_source(model: onnx.ModelProto, workdir: str | Path) -> str | bytes:
+    """What an ONNX Runtime session is made from: the bytes, or (past EXTERNAL_DATA_AUTO) a file with external
+    data written under ``workdir``."""
+    if initializer_bytes(model) <= EXTERNAL_DATA_AUTO:
+        return model.SerializeToString()
+    path = Path(workdir) / "session.onnx"
+    save_graph(model, path, external=True)
+    return str(path)

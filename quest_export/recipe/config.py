@@ -225,10 +225,12 @@ class ExportConfig:
     int4_gemm: bool = False  # TensorRT >= 10: block-quantized INT4 MatMul/Gemm weights (opt-in)
     int4_block: int = 128  # 64 or 128
     batch: int = 1  # images per call the reference inputs use (CFG doubles the UNet batch)
+    external_data: str = "auto"  # auto | always | never: initializers in model.onnx.data (auto: past 256 MiB)
 
     def __post_init__(self) -> None:
         _check_choice(self, "scale_mode", SCALE_MODES)
         _check_choice(self, "int4_block", (64, 128))
+        _check_choice(self, "external_data", ("auto", "always", "never"))
 
 
 @dataclass(frozen=True)

@@ -143,11 +143,16 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
 
 def _value_infos(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
     """Element types and shapes of every tensor onnx shape inference can type (declared ones as a fallback)."""
+    from quest_export.export.graph import restore, strip
+
+    stash = strip(model)  # shape inference serializes: the weights are lifted out (graphs past 2 GB)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except (onnx.shape_inference.InferenceError, ValueError) as e:  # e.g. > 2 GB in memory
+    except (onnx.shape_inference.InferenceError, ValueError) as e:
         log.info("shape inference failed (%s); using the declared value_info only", e)
         inferred = model
+    finally:
+        restore(model, stash)
     types: dict[str, int] = {}
     shapes: dict[str, list] = {}
     g = inferred.graph
