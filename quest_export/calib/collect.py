@@ -100,14 +100,45 @@ class CalibrationSet:
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
-        from safetensors.torch import load_file
-
+        """The set of a calibration folder, its tensors memory-mapped (pages read when rows are drawn)."""
         path = Path(path)
         verify_files(path, read_manifest(path, stage="calibrate"))
-        d = load_file(str(path / DATA_FILE))
+        d = mmap_safetensors(path / DATA_FILE)
         spec = json.loads((path / SPEC_FILE).read_text())
         return cls(x=d["x"], t=d["t"], cond_index=d["cond_index"], step=d["step"], traj=d["traj"], eps=d["eps"],
                    cond_table=d.get("cond_table"), spec=spec)  # fmt: skip
+
+
+_NP_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "I64": "int64", "I32": "int32", "I8": "int8",
+              "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as copy-on-write memory maps: the calibration set never has to fit in host
+    RAM (issue 15); rows are read from disk when a batch gathers them. Other dtypes (bf16) are read normally."""
+    import struct
+
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if info["dtype"] not in _NP_DTYPES or end == start:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                out[name] = f.get_tensor(name)
+            continue
+        arr = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="c", offset=8 + n + start, shape=shape)
+        out[name] = torch.from_numpy(arr)
+    return out
 
 
 def collect(model, spec: SamplerSpec, *, trajectories: int, seed: int = 0, device: str | torch.device = "cpu",

@@ -69,7 +69,7 @@ def adaround_unit(unit: Unit, qunet: QuantizedUNet, inputs, target: torch.Tensor
                 wq.freeze(w)
         out = unit.module(*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        return channel_sq_error(out, target[idx].to(device))
+        return channel_sq_error(out, target[idx.to(target.device)].to(device))
 
     eval_idx = torch.randperm(n, generator=gen)[: min(n, 4 * batch)]
     with torch.no_grad(), qunet.mode(QuantMode.WEIGHT_ONLY):
@@ -170,7 +170,7 @@ def reconstruct_act_scales_(qunet: QuantizedUNet, units: list[Unit], batches, ru
                 args, kwargs = inputs.select(rows, device)
                 out = unit.module(*args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
-                loss = (out - target[rows].to(device)).abs().pow(p).mean()
+                loss = (out - target[rows.to(target.device)].to(device)).abs().pow(p).mean()
                 if dist.data_parallel():
                     loss = share * loss
                 opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ declaration (recipe/methods.py), never from its name:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from quest_export.calib.collect import CalibrationSet
 from quest_export.log import progress
 from quest_export.ptq.reconstruct import reconstruct_act_scales_, reconstruct_weights_
-from quest_export.ptq.units import capture_outputs, find_units
+from quest_export.ptq.units import UnitTargets, capture_outputs, find_units
 from quest_export.quant.groups import group_timesteps, step_group
 from quest_export.quant.model import QuantizedUNet, QuantMode, quantize_
 from quest_export.quant.observers import weight_scale_search
@@ -146,8 +147,8 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
     gen = torch.Generator().manual_seed(seed)
     all_rows = torch.arange(calib.x.shape[0])
     recon_rows = calib.draw(all_rows, min(RECON_POOL, all_rows.numel()), gen)
-    batches = _batches(calib, recon_rows, device)
-    store = device
+    batches = _batches(calib, recon_rows, device, cfg.forward_chunk)
+    store = "cpu" if cfg.recon_store == "cpu" else device
 
     def run_batch(b):
         run_unet(qunet.unet, *b)
@@ -158,7 +159,17 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
     if (adaround and cfg.adaround_iters > 0) or act_recon or les:
         with torch.no_grad(), qunet.ctx.select(0), qunet.mode(QuantMode.FP):
             units = find_units(qunet.unet, lambda: run_batch(batches[0]))
-            targets = capture_outputs(qunet.unet, units, batches, run_batch, store)
+            if les:  # LES folds its scales into the weights: its float targets are taken before any fold
+                targets = capture_outputs(qunet.unet, units, batches, run_batch, store)
+
+        def float_context():
+            stack = contextlib.ExitStack()
+            for c in (torch.no_grad(), qunet.ctx.select(0), qunet.mode(QuantMode.FP)):
+                stack.enter_context(c)
+            return stack
+
+        if not les:  # one unit's targets at a time, recomputed (issue 15)
+            targets = UnitTargets(qunet.unet, units, batches, run_batch, store, float_context)
         report.units = [u.name for u in units]
     if les:  # Stage A0 (DMQ): gamma learned on float inputs and targets, folded, weights re-initialised
         from quest_export.ptq.les import learn_equivalent_scales_
@@ -177,7 +188,7 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
             report.adaround = reconstruct_weights_(qunet, units, batches, run_batch, targets, iters=cfg.adaround_iters,
                                                    batch=cfg.adaround_batch, lr=cfg.adaround_lr, reg=cfg.adaround_reg,
                                                    device=device, store=store, seed=seed,
-                                                   cuda_graphs=cfg.cuda_graphs, show_progress=show_progress)  # fmt: skip
+                                                   cuda_graphs=cfg.cuda_graphs and cfg.recon_store != "cpu", show_progress=show_progress)  # fmt: skip
         report.seconds["adaround"] = _elapsed(t0, device)
     qunet.freeze_weights()  # round to nearest where AdaRound did not run; w_int stored for all
     t0 = time.time()
@@ -189,7 +200,7 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
         with qunet.ctx.select(0):
             reconstruct_act_scales_(qunet, units, batches, run_batch, targets, iters=cfg.act_recon_iters,
                                     batch=cfg.adaround_batch, lr=cfg.act_recon_lr, device=device, store=store,
-                                    seed=seed, cuda_graphs=cfg.cuda_graphs, show_progress=show_progress)  # fmt: skip
+                                    seed=seed, cuda_graphs=cfg.cuda_graphs and cfg.recon_store != "cpu", show_progress=show_progress)  # fmt: skip
         report.seconds["act_recon"] = _elapsed(t0, device)
     if pts:  # Stage A4 (DMQ): per-channel power-of-two factors voted over samples of every group
         from quest_export.ptq.pts import power_of_two_scales_

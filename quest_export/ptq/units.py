@@ -81,7 +81,9 @@ class Captured:
 
     def select(self, idx: torch.Tensor, device) -> tuple[list, dict]:
         def pick(v):
-            return v[idx].to(device) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.n else v
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.n:
+                return v[idx.to(v.device)].to(device)  # rows held in host RAM (ptq.recon_store=cpu) too
+            return v
 
         return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
 
@@ -138,6 +140,54 @@ def capture_outputs(unet: nn.Module, units: list[Unit], batches, run_batch, stor
         for h in hs:
             h.remove()
     return {k: torch.cat(v) for k, v in outs.items() if v}
+
+
+def capture_output(unet: nn.Module, unit: Unit, batches, run_batch, store) -> torch.Tensor:
+    """The output of ``unit`` on every batch; each pass stops once the unit has run."""
+    outs: list[torch.Tensor] = []
+
+    def hook(mod, args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        outs.append(y.detach().to(store))
+        raise _Stop
+
+    h = unit.module.register_forward_hook(hook)
+    try:
+        for b in batches:
+            try:
+                run_batch(b)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return torch.cat(outs)
+
+
+class UnitTargets:
+    """Float targets of block reconstruction, one unit at a time: recomputed when a unit asks for them (one partial
+    float forward over the reconstruction rows) and dropped when the next unit does.
+
+    Holding every unit's output at once (``capture_outputs``) costs rows x the sum of all unit outputs, about
+    400 MB a row for SD-1.5 at 64x64 (100 GB for the 256 reconstruction rows); this holds one unit's (issue 15).
+    ``float_context()`` returns the context in which the model computes its float outputs.
+    """
+
+    def __init__(self, unet: nn.Module, units: list[Unit], batches, run_batch, store, float_context) -> None:
+        self._unet, self._units = unet, {u.name: u for u in units}
+        self._batches, self._run, self._store, self._ctx = batches, run_batch, store, float_context
+        self._name: str | None = None
+        self._value: torch.Tensor | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name != self._name:
+            self._name, self._value = None, None  # free the previous unit's targets first
+            with self._ctx():
+                self._value = capture_output(self._unet, self._units[name], self._batches, self._run, self._store)
+            self._name = name
+        return self._value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._units
 
 
 def channel_sq_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,11 @@ def _maybe(attn, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if q is None else q(x)
 
 
+def _active(attn, names: tuple[str, ...]) -> bool:
+    """Whether any of these quantizers of ``attn`` exists and is switched on."""
+    return any(getattr(getattr(attn, n, None), "enabled", False) for n in names)
+
+
 class QuantAttnProcessor:
     """Attention with quantizers on its operands; float everywhere a quantizer is absent.
 
@@ -61,12 +66,18 @@ class QuantAttnProcessor:
         key = _maybe(attn, "k_quantizer", attn.head_to_batch_dim(key))  # (B * heads, L_k, d)
         value = _maybe(attn, "v_quantizer", attn.head_to_batch_dim(value))  # (B * heads, L_k, d)
 
-        scores = torch.bmm(query.float(), key.float().transpose(-1, -2)) * attn.scale  # (B * heads, L_q, L_k)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1)
-        probs = _maybe(attn, "p_quantizer", probs).to(query.dtype)
-        out = torch.bmm(probs, value)  # (B * heads, L_q, d)
+        if query.is_cuda and attention_mask is None and not _active(attn, ("q_quantizer", "k_quantizer", "v_quantizer",
+                                                                         "p_quantizer")):  # fmt: skip
+            # float attention on a GPU: fused SDPA never materialises the (B * heads, L_q, L_k) probabilities,
+            # 537 MB per row at SD's 4096 latent tokens (issue 15); the explicit form below is the exported one
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        else:
+            scores = torch.bmm(query.float(), key.float().transpose(-1, -2)) * attn.scale  # (B * heads, L_q, L_k)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.softmax(dim=-1)
+            probs = _maybe(attn, "p_quantizer", probs).to(query.dtype)
+            out = torch.bmm(probs, value)  # (B * heads, L_q, d)
         out = attn.batch_to_head_dim(out)  # (B, L_q, heads * d)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)

@@ -155,11 +155,17 @@ class PtqConfig:
     act_recon_iters: int = 0  # Q-Diffusion activation-scale reconstruction (qdiffusion only)
     act_recon_lr: float = 4e-4
     cuda_graphs: bool = True  # on a GPU, replay each reconstruction step as a CUDA graph (same math, less launching)
+    # memory of block reconstruction (issue 15): where one unit's captured inputs and float targets live
+    # (device | cpu: host RAM, copied per batch; slower, frees GPU memory), and rows per UNet call while capturing
+    recon_store: str = "device"
+    forward_chunk: int = 64
 
     def __post_init__(self) -> None:
         _check_choice(self, "weight_init", WEIGHT_INITS)
         _check_choice(self, "act_init", ACT_INITS)
+        _check_choice(self, "recon_store", ("device", "cpu"))
         _check_range(self, "adaround_iters", 0, 10**6)
+        _check_range(self, "forward_chunk", 1, 4096)
 
 
 @dataclass(frozen=True)

@@ -181,3 +181,29 @@ def test_group_rows_table():
                         cond_table=None, spec={"sampler": {"steps": 6}})  # fmt: skip
     assert [cs.group_rows(g, 4).tolist() for g in range(4)] == [[0], [2], [3], [5]]
     assert [cs.group_rows(g, 4, pooled=True).tolist() for g in range(4)] == [[0, 1], [2], [3, 4], [5]]
+
+
+def test_load_memory_maps_the_set(calib, tmp_path):
+    """Issue 15: the loaded set is backed by the file (copy-on-write maps), so it never has to fit in host RAM;
+    a write to a row stays in this process."""
+    import numpy as np
+
+    from quest_export.calib.collect import mmap_safetensors
+
+    path = calib.save(tmp_path / "calib", fingerprint="d" * 64)
+    mapped = []
+    real = np.memmap
+
+    def spy(*args, **kwargs):
+        mapped.append(kwargs.get("mode"))
+        return real(*args, **kwargs)
+
+    np.memmap = spy
+    try:
+        back = CalibrationSet.load(path)
+        maps = mmap_safetensors(path / "calib.safetensors")
+    finally:
+        np.memmap = real
+    assert set(maps) >= {"x", "eps", "t"} and len(mapped) >= 2 * 6 and set(mapped) == {"c"}
+    back.x[0] += 1.0
+    assert torch.equal(CalibrationSet.load(path).x, calib.x)  # the file is unchanged

@@ -12,7 +12,7 @@ from quest_export.calib.collect import collect
 from quest_export.models.sampling import SamplerSpec
 from quest_export.ptq.reconstruct import adaround_unit
 from quest_export.ptq.stage_a import _batches, init_activations_, init_weights_, run_stage_a, run_unet
-from quest_export.ptq.units import capture_inputs, capture_outputs, find_units
+from quest_export.ptq.units import UnitTargets, capture_inputs, capture_outputs, find_units
 from quest_export.quant.groups import group_timesteps
 from quest_export.quant.model import QuantMode, quantize_
 from quest_export.quant.observers import WEIGHT_MSE_P, activation_params, weight_scale_search
@@ -31,6 +31,36 @@ def calib():
     """Calibration set of the tiny cond model: 4 trajectories x 6 DDIM steps x 2 CFG halves = 48 rows."""
     return collect(tiny_model("cond"), SamplerSpec(steps=STEPS, guidance_scale=2.0), trajectories=TRAJ, seed=0,
                    show_progress=False)  # fmt: skip
+
+
+def test_unit_targets_recomputed_one_at_a_time_equal_the_one_pass_capture(calib):
+    """Issue 15: block reconstruction recomputes one unit's float targets at a time (the one-pass capture of every
+    unit costs ~100 GB at SD-1.5 size); they are the same tensors, also after a unit's weights were quantized."""
+    import contextlib
+
+    model = tiny_model("cond")
+    q = quantize_(model.unet, QuantRecipe(method="quest", w_bits=4, a_bits=8),
+                  group_timesteps=group_timesteps(calib.timesteps, 1))  # fmt: skip
+    init_weights_(q, method="mse")
+    batches = _batches(calib, torch.arange(calib.x.shape[0]), "cpu", 7)  # chunks of 7 rows: ptq.forward_chunk
+
+    def run_batch(b):
+        run_unet(q.unet, *b)
+
+    def float_context():
+        stack = contextlib.ExitStack()
+        for c in (torch.no_grad(), q.ctx.select(0), q.mode(QuantMode.FP)):
+            stack.enter_context(c)
+        return stack
+
+    with float_context():
+        units = find_units(q.unet, lambda: run_batch(batches[0]))
+        every = capture_outputs(q.unet, units, batches, run_batch, "cpu")
+    lazy = UnitTargets(q.unet, units, batches, run_batch, "cpu", float_context)
+    q.freeze_weights()  # quantized weights change nothing in the float context
+    with torch.no_grad(), q.mode(QuantMode.FULL):
+        for u in units:
+            assert u.name in lazy and torch.equal(lazy[u.name], every[u.name]), u.name
 
 
 # -- weights (quest.md 4.1) ------------------------------------------------------------------------------------------
