@@ -31,6 +31,8 @@ FAMILIES = ("class-cond", "text", "uncond")
 TRT_TYPINGS = ("weak", "strong", "none")
 RUNTIMES = ("ort", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
+EXTERNAL_DATA = ("auto", "always", "never")  # export.external_data
+RECON_STORES = ("device", "cpu")  # ptq.recon_store
 
 
 class FieldError(RecipeError):
@@ -163,7 +165,7 @@ class PtqConfig:
     def __post_init__(self) -> None:
         _check_choice(self, "weight_init", WEIGHT_INITS)
         _check_choice(self, "act_init", ACT_INITS)
-        _check_choice(self, "recon_store", ("device", "cpu"))
+        _check_choice(self, "recon_store", RECON_STORES)
         _check_range(self, "adaround_iters", 0, 10**6)
         _check_range(self, "forward_chunk", 1, 4096)
 
@@ -236,7 +238,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         _check_choice(self, "scale_mode", SCALE_MODES)
         _check_choice(self, "int4_block", (64, 128))
-        _check_choice(self, "external_data", ("auto", "always", "never"))
+        _check_choice(self, "external_data", EXTERNAL_DATA)
 
 
 @dataclass(frozen=True)
