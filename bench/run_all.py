@@ -45,6 +45,11 @@ def commands(out: Path, full: bool, work: Path) -> dict[str, list[str] | str]:
                           "--work", str(work / "ablation"), "--out", str(out / "ablation_w4a4.json")]
         + ([] if full else ["--variants", "full,fp,float-g9,only-g9,float-up_blocks"]),
     }  # fmt: skip
+    cmds["sd_scale"] = (
+        ["sd_scale.py", "--work", str(work / "sd15"), "--json", str(out / "sd_scale.json")]
+        if full
+        else "SD-1.5 size takes a GPU with 48 GB and about 30 minutes: run with --full on one"
+    )
     builds = sorted((work / "sizes").glob("**/manifest.json"))
     cpu = [b.parent for b in builds if "cpu" in b.parent.name]
     cmds["engine_agreement"] = (
@@ -66,7 +71,7 @@ def main() -> int:
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out / "work"
     order = ["export_sizes", "ort_speed", "ort_precision", "float_eval", "recon_speed", "quality", "ablation_w4a4",
-             "engine_agreement"]  # fmt: skip
+             "engine_agreement", "sd_scale"]  # fmt: skip
     scripts = {s.stem for s in HERE.glob("*.py")} - {"run_all"}
     missing = sorted(scripts - set(order))
     if missing:  # a new bench script must be added here, not forgotten
