@@ -153,7 +153,9 @@ def sample_worker(args) -> None:
 
     art = load_quantized(args.artifact_path, device=device)
     qunet = art.qunet
-    reference = load_model(recipe.model.name, cond=recipe.model.cond, device=device).unet  # untouched float weights
+    reference = load_model(
+        recipe.model.name, cond=recipe.model.cond, prompts=recipe.model.prompts, device=device
+    ).unet  # untouched float weights
     table = variants(qunet.ctx.count)
     last = 0.0
     for name in args.run.split(","):
@@ -188,7 +190,7 @@ def float_reference(args, out_dir: Path) -> dict:
 
     recipe = _recipe(args, args.methods.split(",")[0] if args.methods else "quest")
     device = pipeline.resolve_device(recipe)
-    model = load_model(recipe.model.name, cond=recipe.model.cond, device=device)
+    model = load_model(recipe.model.name, cond=recipe.model.cond, prompts=recipe.model.prompts, device=device)
     t0 = time.time()
     imgs, labels = generate(model.unet, model, _spec(recipe), n=args.n, seed=args.seed, batch=args.batch,
                             device=device, show_progress=False)  # fmt: skip

@@ -71,11 +71,17 @@ def guarded(fn):
 
 
 def recipe_options(fn):
-    """--model --cond --bits --preset --method --target --recipe --set --device --guidance --dump-recipe."""
+    """--model --cond --prompts --bits --preset --method --target --recipe --set --device --guidance --dump-recipe."""
     opts = [
         click.option("--model", default=None, help="bundled model (fmnist-cond, fmnist-uncond) or a diffusers folder"),
         click.option(
             "--cond", default=None, help="safetensors of encoder_hidden_states rows (any UNet2DConditionModel)"
+        ),
+        click.option(
+            "--prompts",
+            default=None,
+            metavar="FILE",
+            help="text-to-image pipelines: calibration prompts, one per line (default: the packaged list)",
         ),
         click.option("--bits", default=None, help=f"precision preset: {' | '.join(pipeline.BITS_PRESETS)}"),
         click.option("--preset", default=None, help="effort preset: fast (CPU) | gpu | paper (reference)"),
@@ -122,7 +128,8 @@ def work_option(fn):
 
 
 def _recipe(opts: dict):
-    r = pipeline.resolve_recipe(model=opts.pop("model"), cond=opts.pop("cond"), bits=opts.pop("bits"),
+    r = pipeline.resolve_recipe(model=opts.pop("model"), cond=opts.pop("cond"), prompts=opts.pop("prompts"),
+                                bits=opts.pop("bits"),
                                 preset=opts.pop("preset"), method=opts.pop("method"), target=opts.pop("target"),
                                 recipe=opts.pop("recipe_file"), sets=opts.pop("sets"), device=opts.pop("device"),
                                 guidance=opts.pop("guidance"))  # fmt: skip
@@ -356,18 +363,31 @@ def verify(path, quantized, backend, device, manifest_only, device_side, json_pa
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", default=None, type=int, help="sampler steps (default: the model's)")
 @click.option("--backend", type=click.Choice(["ort", "trt", "auto"]), default=None)
+@click.option(
+    "--prompt",
+    "prompt_texts",
+    multiple=True,
+    metavar="TEXT",
+    help="text-to-image: a prompt (repeatable, one image each)",
+)
 @guarded
-def sample(path, n, out, seed, steps, backend, **opts):
-    """Sample the float model (--model) with torch, or an export/bundle/engine DIR with the torch-free runtime."""
+def sample(path, n, out, seed, steps, backend, prompt_texts, **opts):
+    """Sample the float model (--model) with torch, or an export/bundle/engine DIR with the torch-free runtime.
+
+    A text-to-image pipeline or bundle turns each --prompt into an image (text encoder, UNet loop, VAE decoder).
+    """
     if path and opts.get("guidance") is not None:
         raise click.UsageError(
             "--guidance applies to --model sampling; an artifact samples with the guidance it "
             "was built with (rebuild it with build --guidance)"
         )
     if path:
-        p = pipeline.sample_artifact(path, n=n, out=out, seed=seed, backend=backend, steps=steps)
+        p = pipeline.sample_artifact(path, n=n, out=out, seed=seed, backend=backend, steps=steps,
+                                     prompts=list(prompt_texts) or None)  # fmt: skip
     else:
-        p = pipeline.sample_float(_recipe(opts), n=n, out=out, seed=seed, steps=steps)
+        p = pipeline.sample_float(
+            _recipe(opts), n=n, out=out, seed=seed, steps=steps, prompts=list(prompt_texts) or None
+        )
     click.echo(f"wrote {p}")
 
 
@@ -397,7 +417,7 @@ def eval_(n, seed, quantized, steps, grid, methods, as_json, work, **opts):
         if opts.pop("dump_recipe"):
             opts["dump_recipe"] = True
             _recipe({**opts, "bits": bits.split(",")[0] or None, "method": (methods or "").split(",")[0] or None})
-        base = {k: opts.pop(v) for k, v in (("model", "model"), ("cond", "cond"), ("preset", "preset"),
+        base = {k: opts.pop(v) for k, v in (("model", "model"), ("cond", "cond"), ("prompts", "prompts"), ("preset", "preset"),
                 ("target", "target"), ("recipe", "recipe_file"), ("sets", "sets"), ("device", "device"),
                 ("guidance", "guidance"))}  # fmt: skip
         method_list = [m for m in (methods or opts.get("method") or "").split(",") if m]

@@ -74,11 +74,13 @@ def run_matrix(base: dict, *, bits: list[str], methods: list[str], n: int, seed:
     _check(bits, pipeline.BITS_PRESETS, "bits")
     float_recipe = pipeline.resolve_recipe(**base)
     s = float_recipe.sampler
-    spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    spec = SamplerSpec.of(s)
     spec = replace(spec, steps=steps) if steps is not None else spec
     device = pipeline.resolve_device(float_recipe)
     cache = WorkDirs.resolve(work).eval
-    model = load_model(float_recipe.model.name, cond=float_recipe.model.cond, device=device)
+    model = load_model(
+        float_recipe.model.name, cond=float_recipe.model.cond, prompts=float_recipe.model.prompts, device=device
+    )
     fmnist = is_fmnist(model)
     name = Path(float_recipe.model.name).name
     sampling = {"n": n, "seed": seed, "sampler": asdict(spec)}

@@ -33,7 +33,8 @@ METHODS = method_names()  # the registered methods (recipe/methods.py), for the 
 BITS_PRESETS = tuple(BITS)
 
 
-def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: str | None = None,
+def resolve_recipe(*, model: str | None = None, cond: str | None = None, prompts: str | None = None,
+                   bits: str | None = None,
                    preset: str | None = None, method: str | None = None, target: str | None = None,
                    recipe: str | None = None, sets: tuple[str, ...] | list[str] = (), device: str | None = None,
                    guidance: float | None = None) -> Recipe:  # fmt: skip
@@ -45,8 +46,10 @@ def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: s
     from quest_export.models.loading import resolve_model
 
     shortcuts: dict = {}
-    if model is not None or cond is not None:
-        shortcuts["model"] = {k: v for k, v in (("name", model), ("cond", cond)) if v is not None}
+    if prompts is not None:  # absolute: later stages may run from another folder
+        prompts = str(Path(prompts).expanduser().resolve())
+    if model is not None or cond is not None or prompts is not None:
+        shortcuts["model"] = {k: v for k, v in (("name", model), ("cond", cond), ("prompts", prompts)) if v is not None}
     if method is not None:
         shortcuts["quant"] = {"method": method}
     if device is not None:
@@ -61,7 +64,7 @@ def resolve_recipe(*, model: str | None = None, cond: str | None = None, bits: s
         user = load_recipe_file(recipe)
     for s in sets:
         user = _merge(user, parse_set(s))
-    info = resolve_model(data["model"]["name"], cond=data["model"].get("cond"))
+    info = resolve_model(data["model"]["name"], cond=data["model"].get("cond"), prompts=data["model"].get("prompts"))
     data["model"]["family"] = data["model"].get("family") or info.family
     for k, v in info.sampling.items():
         if data["sampler"].get(k) is None:
@@ -144,7 +147,7 @@ class _Run:
         self.recipe, self.force, self.resume, self.show = recipe, set(force), resume, show_progress
         self.dirs = WorkDirs.resolve(work)
         self.outs = outs  # stage -> folder the user chose (--out) instead of the work folder's default
-        self.info = resolve_model(recipe.model.name, cond=recipe.model.cond)
+        self.info = resolve_model(recipe.model.name, cond=recipe.model.cond, prompts=recipe.model.prompts)
         self.keys = stage_keys(recipe, source_hash(self.info))
         self.device = resolve_device(recipe)
         q = recipe.quant
@@ -160,7 +163,12 @@ class _Run:
         if self._model is None:
             from quest_export.models import load_model
 
-            self._model = load_model(self.recipe.model.name, cond=self.recipe.model.cond, device=self.device)
+            self._model = load_model(
+                self.recipe.model.name,
+                cond=self.recipe.model.cond,
+                prompts=self.recipe.model.prompts,
+                device=self.device,
+            )
         return self._model
 
     def reusable(self, stage: str, path: Path) -> bool:
@@ -311,7 +319,7 @@ def _calibrate(r: _Run, paths):
     if dist.broadcast_object(r.reusable("calibrate", path), "calibration"):  # rank 0 decides for every rank
         return path, True, {}
     s = r.recipe.sampler
-    spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    spec = SamplerSpec.of(s)
     world = dist.world()
     cs = collect(r.model(), spec, trajectories=r.recipe.calib.samples_per_group, seed=r.recipe.calib.seed,
                  device=r.device, show_progress=r.show, shard=(world.rank, world.size))  # fmt: skip
@@ -505,7 +513,7 @@ def info(recipe: Recipe) -> dict:
     from quest_export.models import load_model
     from quest_export.quant.model import plan_quantization
 
-    model = load_model(recipe.model.name, cond=recipe.model.cond)
+    model = load_model(recipe.model.name, cond=recipe.model.cond, prompts=recipe.model.prompts)
     pts = recipe.dmq.pts_layers if recipe.dmq.pts else ()  # used only by methods that declare PTS
     plan = plan_quantization(model.unet, recipe.quant, groups=recipe.quant.timestep_groups, pts_layers=pts)
     params = sum(p.numel() for p in model.unet.parameters())
@@ -536,7 +544,7 @@ def export_artifact(artifact: str | Path, recipe: Recipe, *, out: str | Path) ->
     if not calib_dir or not Path(calib_dir).is_dir():
         raise ArtifactError(f"{artifact}: its calibration set ({calib_dir}) is gone; re-run `quest-export calibrate` "
                             "with the same recipe")  # fmt: skip
-    info_ = resolve_model(meta["model"]["name"], cond=meta["model"].get("cond"))
+    info_ = resolve_model(meta["model"]["name"], cond=meta["model"].get("cond"), prompts=meta["model"].get("prompts"))
     with output_lock(out):
         res = onnx_from_artifact(artifact, target=recipe.target, cfg=recipe.export, out=out,
                                  calib=CalibrationSet.load(calib_dir), recipe_fingerprint=recipe.fingerprint(),
@@ -612,8 +620,10 @@ def check_counts(**counts: int | None) -> None:
             raise InputError(f"--{name} {value}: must be at least 1")
 
 
-def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, steps: int | None = None) -> Path:
-    """Sample the float model (torch) into a PNG grid."""
+def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, steps: int | None = None,
+                 prompts: list[str] | None = None) -> Path:  # fmt: skip
+    """Sample the float model (torch) into a PNG grid; a text pipeline samples ``prompts`` (default: the first n
+    calibration prompts) through its text encoder and VAE."""
     from quest_export_runtime.images import save_grid
     from quest_export_runtime.outputs import check_output
 
@@ -623,27 +633,33 @@ def sample_float(recipe: Recipe, *, n: int, out: str | Path, seed: int = 0, step
 
     check_counts(n=n, steps=steps)
     out = check_output(out, "file")
-    s = recipe.sampler
-    spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    spec = SamplerSpec.of(recipe.sampler)
     if steps is not None:
         spec = replace(spec, steps=steps)
     device = resolve_device(recipe)
-    model = load_model(recipe.model.name, cond=recipe.model.cond, device=device)
+    model = load_model(recipe.model.name, cond=recipe.model.cond, prompts=recipe.model.prompts, device=device)
+    if model.info.text is not None:
+        from quest_export.models.text import text_to_image
+
+        labels = model.conditioning.labels[: model.conditioning.uncond_index]
+        prompts = prompts or [labels[k % len(labels)] for k in range(n)]
+        return save_grid(text_to_image(model, prompts, spec, seed=seed, device=device).numpy(), out)
+    if prompts:
+        raise InputError(f"--prompt needs a text-to-image pipeline; '{recipe.model.name}' has no text encoder")
     imgs, _ = generate(model.unet, model, spec, n=n, seed=seed, device=device)
     return save_grid(imgs, out, nrow=10 if model.conditioning is not None else None)
 
 
 def sample_artifact(path: str | Path, *, n: int, out: str | Path, seed: int = 0, backend: str | None = None,
-                    steps: int | None = None, labels: list[str] | None = None) -> Path:  # fmt: skip
-    """Sample an export, ORT build, bundle or engine folder with the torch-free runtime into a PNG grid."""
-    from quest_export_runtime.outputs import check_output
-    from quest_export_runtime.pipeline import RuntimePipeline
+                    steps: int | None = None, labels: list[str] | None = None,
+                    prompts: list[str] | None = None) -> Path:  # fmt: skip
+    """Sample an export, ORT build, bundle or engine folder with the torch-free runtime into a PNG grid (the code
+    the device runs: quest_export_runtime/sample.py); a text-to-image bundle samples ``prompts``."""
+    from quest_export_runtime.sample import sample_to_png
 
     check_counts(n=n, steps=steps)
-    out = check_output(out, "file")
-    with RuntimePipeline.from_artifact(path, backend=backend) as pipe:
-        imgs = pipe(class_labels=labels, num_images=n, seed=seed, steps=steps)
-    return pipe.save_grid(imgs, out)
+    return Path(sample_to_png(str(path), str(out), prompts=prompts, labels=labels, n=None if prompts else n,
+                              seed=seed, steps=steps, backend=backend))  # fmt: skip
 
 
 def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = None, grid: str | None = None,
@@ -667,7 +683,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
         json_path = check_output(json_path, "file")
     device = resolve_device(recipe)
     s = recipe.sampler
-    spec = SamplerSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+    spec = SamplerSpec.of(s)
     spec = replace(spec, **{k: v for k, v in (("guidance_scale", guidance), ("steps", steps)) if v is not None})
     if quantized:
         from quest_export.quant.artifact import load_quantized
@@ -683,7 +699,7 @@ def evaluate(recipe: Recipe, *, n: int, seed: int = 0, quantized: str | None = N
     else:
         import contextlib
 
-        model = load_model(recipe.model.name, cond=recipe.model.cond, device=device)
+        model = load_model(recipe.model.name, cond=recipe.model.cond, prompts=recipe.model.prompts, device=device)
         unet, ctx = model.unet, contextlib.nullcontext()
     if not is_fmnist(model):
         raise InputError(f"eval scores Fashion-MNIST-shaped models (FD and class agreement use the bundled classifier); "

@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from quest_export_runtime.device import JETPACK_L4T, L4T_CORE_PACKAGE, shell_functions
+from quest_export_runtime.text import text_files
 from quest_export_runtime.manifest import (
     BASE_KEYS,
     MANIFEST_NAME,
@@ -109,7 +110,7 @@ def bundle_from_export(
 
 
 def _payload(export_dir: Path, manifest: dict) -> list[str]:
-    """Relative paths to copy: graphs, their external data, conditioning, reference/ (all hashed files)."""
+    """Relative paths to copy: graphs, their external data, conditioning, text parts, reference/ (all hashed)."""
     hashed = set(manifest.get("files", {}))
     wanted = []
     for graph in manifest.get("graphs") or []:
@@ -120,6 +121,7 @@ def _payload(export_dir: Path, manifest: dict) -> list[str]:
         wanted.append(manifest["weights_file"])
     if manifest.get("conditioning"):
         wanted.append(manifest["conditioning"]["file"])
+    wanted += text_files(manifest.get("text_to_image"))  # float text encoder, VAE decoder, tokenizer
     wanted += sorted(rel for rel in hashed if rel.startswith("reference/"))
     if not manifest.get("graphs"):
         raise ArtifactError(f"{export_dir}: manifest lists no graphs; re-run the export")

@@ -282,8 +282,7 @@ def _record_e2e(qunet, art, scheduler_config: dict, verify: VerifyConfig, mode: 
     latents = np.random.default_rng(E2E_SEED).standard_normal((n, *shape)).astype(np.float32)
     cond = art.model.conditioning
     labels = None if cond is None else [cond.cond_rows[k % len(cond.cond_rows)] for k in range(n)]
-    sspec = SamplerSpec(sampler=spec["sampler"], steps=steps, eta=spec.get("eta", 0.0),
-                        guidance_scale=spec.get("guidance_scale", 1.0))  # fmt: skip
+    sspec = SamplerSpec.of({**spec, "steps": steps})
     dev = next(qunet.unet.parameters()).device
     with qunet.mode(QuantMode.FULL), torch.no_grad():
         images = sample(qunet.unet, scheduler_config, noise=torch.from_numpy(latents).to(dev), spec=sspec,
@@ -410,7 +409,9 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             log.info("lint warning %s %s: %s%s", rule, ws[0].node, ws[0].message, more)
         models.append(m)
     # references: fake-quant with the exported numerics, and the original float model
-    float_model = load_model(art.meta["model"]["name"], cond=art.meta["model"].get("cond"))
+    float_model = load_model(
+        art.meta["model"]["name"], cond=art.meta["model"].get("cond"), prompts=art.meta["model"].get("prompts")
+    )
     fq = [_run_reference(qunet.unet, f, qunet, g if mode != "merged" else 0) for f, g in zip(feeds, feed_groups)]
     verify = verify or VerifyConfig()
     e2e, latents, images = _record_e2e(qunet, art, scheduler_config, verify, mode, feeds[0]["sample"].shape[1:])
@@ -435,6 +436,12 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             save_file({"encoder_hidden_states": c.table.contiguous()}, str(tmp / "conditioning.safetensors"),
                       metadata={"uncond_index": str(c.uncond_index), "labels": json.dumps(c.labels)})  # fmt: skip
             cond_meta = {"file": "conditioning.safetensors", "uncond_index": c.uncond_index, "labels": c.labels}
+        text_to_image = None
+        if float_model.info.text is not None:  # the float text encoder and VAE decoder go along (text_parts.py)
+            from quest_export.export.text_parts import write_text_parts
+
+            text_to_image = write_text_parts(float_model, tmp, opset=min(opset, LEGACY_MAX_OPSET),
+                                             external=lambda m: external_data(m, cfg))  # fmt: skip
         reference = _write_reference(tmp, feeds, feed_groups, fq, fl)
         np.save(tmp / e2e["latents"], latents, allow_pickle=False)
         np.save(tmp / e2e["images"], images, allow_pickle=False)
@@ -462,6 +469,7 @@ def onnx_from_artifact(artifact: str | Path, *, target: TargetProfile, cfg: Expo
             "sampler": art.meta["sampler"],
             "scheduler_config": scheduler_config,
             "conditioning": cond_meta,
+            "text_to_image": text_to_image,
             "io": {"inputs": io_in, "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": io_in[0]["shape"]}]},
             "layers": records,
             "onnx": {"opset": opset, "ir_version": ir, "pts_fold": target.is_tensorrt, "qdq_nodes": {k: v for k, v in G.op_counts(models[0]).items()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from quest_export.errors import InputError, ModelError
+from quest_export.models.text import PICKLE, TextParts, find_parts, read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ FALLBACK_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000,
                           beta_schedule="linear", prediction_type="epsilon", clip_sample=False,
                           set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")  # fmt: skip
 FALLBACK_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0)
+# Text-to-image pipelines: SD's own guidance; x_0 is a latent for the VAE, so it is not clamped to [-1, 1].
+TEXT_SAMPLING = dict(guidance_scale=7.5, clip_output=False)
 
 
 @dataclass
@@ -63,6 +66,8 @@ class ModelInfo:
     family: str
     cond_file: Path | None
     root: Path
+    text: TextParts | None = None  # text-to-image pipeline: tokenizer, text encoder, VAE (models/text.py)
+    prompts: str | None = None  # calibration prompts file of a text pipeline (None: the packaged list)
 
 
 @dataclass
@@ -99,7 +104,7 @@ def _read_json(p: Path) -> dict:
         raise ModelError(f"{p} is not readable JSON ({e}); the model folder is corrupt") from None
 
 
-def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
+def resolve_model(name: str, *, cond: str | None = None, prompts: str | None = None) -> ModelInfo:
     """Find a model by bundled name or path and read its metadata (no weights, no torch)."""
     if name in BUNDLED:
         from quest_export.data import package_dir
@@ -127,8 +132,15 @@ def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
     cls = config.get("_class_name")
     if cls not in SUPPORTED:
         raise ModelError(f"{unet_dir} holds a {cls or 'model without _class_name'}; quest-export handles "
-                         f"{' and '.join(SUPPORTED)}")  # fmt: skip
+                         f"{' and '.join(SUPPORTED)} (SD 1.x / 2.x); point --model at such a UNet or pipeline "
+                         "folder")  # fmt: skip
     if not any((unet_dir / w).is_file() for w in WEIGHT_FILES):
+        pickled = [n for n in PICKLE if (unet_dir / n).is_file()]
+        if pickled:
+            from quest_export.models.text import FIX_BIN
+
+            raise ModelError(f"{unet_dir / pickled[0]} is a pickle checkpoint, which quest-export never loads (it "
+                             f"can run code); {FIX_BIN}")  # fmt: skip
         raise ModelError(f"{unet_dir} has no weights ({' or '.join(WEIGHT_FILES)}); only safetensors are loaded")
     if sched_file.is_file():
         sched = _read_json(sched_file)
@@ -136,7 +148,14 @@ def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
         log.warning("%s has no scheduler config; using DDIM with linear betas (1000 steps)", root)
         sched = dict(FALLBACK_SCHEDULER)
     meta = _read_json(root / "quest_model.json") if (root / "quest_model.json").is_file() else {}
-    sampling = {**FALLBACK_SAMPLING, **meta.get("sampling", {})}
+    text = None
+    if cls == "UNet2DConditionModel" and cond is None and (root / "text_encoder").is_dir():
+        text = find_parts(root)  # a text-to-image pipeline: prompts encoded by its own text encoder
+        read_prompts(prompts)  # an unreadable or empty prompts file fails here, before any stage runs
+    elif prompts is not None:
+        raise InputError(f"--prompts given, but {root} is not a text-to-image pipeline folder (no text_encoder/, or "
+                         "--cond given); drop --prompts")  # fmt: skip
+    sampling = {**FALLBACK_SAMPLING, **(TEXT_SAMPLING if text else {}), **meta.get("sampling", {})}
     cond_file = None
     if cls == "UNet2DConditionModel":
         if cond is not None:
@@ -146,16 +165,17 @@ def resolve_model(name: str, *, cond: str | None = None) -> ModelInfo:
                                  "'encoder_hidden_states' tensor (R, L, D)")  # fmt: skip
         elif meta.get("conditioning"):
             cond_file = root / meta["conditioning"]
-        elif (root / "text_encoder").is_dir():
-            cond_file = None  # prompts encoded by the pipeline's text encoder (models.conditioning)
+        elif text is not None:
+            cond_file = None  # prompts encoded by the pipeline's text encoder (models/text.py)
         else:
             raise InputError(f"{root} is a UNet2DConditionModel without conditioning: pass --cond FILE "
                              "(safetensors with 'encoder_hidden_states' rows, one unconditional)")  # fmt: skip
     elif cond is not None:
         raise InputError(f"--cond given, but {root} is an unconditional UNet2DModel")
-    family = meta.get("family") or ("uncond" if cls == "UNet2DModel" else "class-cond")
+    family = meta.get("family") or ("uncond" if cls == "UNet2DModel" else "text" if text else "class-cond")
     return ModelInfo(name=name, unet_dir=unet_dir, class_name=cls, config=config, scheduler_config=sched,
-                     sampling=sampling, family=family, cond_file=cond_file, root=root)  # fmt: skip
+                     sampling=sampling, family=family, cond_file=cond_file, root=root, text=text,
+                     prompts=prompts)  # fmt: skip
 
 
 def load_conditioning(path: Path, *, expected_dim: int | None = None) -> Conditioning:
@@ -206,10 +226,15 @@ def load_conditioning(path: Path, *, expected_dim: int | None = None) -> Conditi
 
 
 def source_hash(info: ModelInfo) -> str:
-    """SHA-256 over the UNet config and weights (the identity of the float model)."""
+    """SHA-256 over the UNet config and weights (the identity of the float model); for a text pipeline also the
+    prompts, the tokenizer, the text encoder and the VAE (they decide the conditioning rows and the bundle)."""
     h = hashlib.sha256((info.unet_dir / "config.json").read_bytes())
-    for w in WEIGHT_FILES:
-        p = info.unet_dir / w
+    files = [info.unet_dir / w for w in WEIGHT_FILES]
+    if info.text is not None:
+        h.update("\n".join(read_prompts(info.prompts)[0]).encode())
+        for folder in (info.text.tokenizer, info.text.text_encoder, info.text.vae):
+            files += sorted(p for p in folder.iterdir() if p.is_file())
+    for p in files:
         if p.is_file():
             with open(p, "rb") as f:
                 while block := f.read(1 << 20):
@@ -218,12 +243,16 @@ def source_hash(info: ModelInfo) -> str:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, *, cond: str | None = None, device: str | torch.device = "cpu"
+    name: str = DEFAULT_MODEL,
+    *,
+    cond: str | None = None,
+    prompts: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Load the float UNet (float32, eval mode) and its conditioning."""
+    """Load the float UNet (float32, eval mode) and its conditioning (a text pipeline encodes ``prompts``)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    info = resolve_model(name, cond=cond)
+    info = resolve_model(name, cond=cond, prompts=prompts)
     cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}[info.class_name]
     variant = None if (info.unet_dir / WEIGHT_FILES[0]).is_file() else "fp16"
     try:
@@ -241,8 +270,8 @@ def load_model(
     cond_obj = None
     if info.cond_file is not None:
         cond_obj = load_conditioning(info.cond_file, expected_dim=info.config.get("cross_attention_dim"))
-    elif info.class_name == "UNet2DConditionModel":
-        from quest_export.models.conditioning import encode_prompts
+    elif info.text is not None:
+        from quest_export.models.text import encode_prompts
 
-        cond_obj = encode_prompts(info)
+        cond_obj = encode_prompts(info.text, info.prompts)
     return LoadedModel(info=info, unet=unet, conditioning=cond_obj, source_hash=source_hash(info))

@@ -18,12 +18,20 @@ SAMPLERS = ("ddim", "ddpm")
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """sampler: ddim | ddpm; steps: N; eta: DDIM eta; guidance_scale: CFG weight (1 = off)."""
+    """sampler: ddim | ddpm; steps: N; eta: DDIM eta; guidance_scale: CFG weight (1 = off); clip_output: clamp x_0
+    to [-1, 1] (images; False for latents that a VAE decodes)."""
 
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
+    clip_output: bool = True
+
+    @classmethod
+    def of(cls, s) -> SamplerSpec:
+        """From a resolved SamplerConfig or a manifest's ``sampler`` dict (absent keys keep their defaults)."""
+        d = s if isinstance(s, dict) else {k: getattr(s, k) for k in cls.__dataclass_fields__}
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None})
 
 
 def make_scheduler(config: dict, sampler: str):
@@ -66,7 +74,7 @@ def sample(
     variance_seed: int = 0,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Run the sampler from ``noise`` (B, C, H, W) and return x_0 in [-1, 1].
+    """Run the sampler from ``noise`` (B, C, H, W) and return x_0 (in [-1, 1] unless ``spec.clip_output`` is False).
 
     Args:
         cond: (B, L, D) encoder hidden states, or None for an unconditional UNet.
@@ -87,4 +95,4 @@ def sample(
             x = sched.step(eps, t, x, eta=spec.eta, variance_noise=var_noise).prev_sample
         else:
             x = sched.step(eps, t, x, generator=gen).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if spec.clip_output else x

@@ -114,7 +114,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", mode
     meta = json.loads((path / PLAN_FILE).read_text())
     ref = meta["model"]
     if model is None:
-        model = load_model(ref["name"], cond=ref.get("cond"), device=device)
+        model = load_model(ref["name"], cond=ref.get("cond"), prompts=ref.get("prompts"), device=device)
     if model.source_hash != ref["hash"]:
         raise ArtifactError(f"{path} was quantized from a float model with hash {ref['hash'][:12]}, but "
                             f"'{ref['name']}' now has hash {model.source_hash[:12]}; re-run quantize")  # fmt: skip

@@ -61,6 +61,7 @@ class ModelSpec:
 
     name: str = "fmnist-cond"  # bundled name (fmnist-cond, fmnist-uncond) or a local diffusers folder
     cond: str | None = None  # safetensors file of encoder_hidden_states rows (any UNet2DConditionModel)
+    prompts: str | None = None  # text pipelines: calibration prompts, one per line (None: quest_export/data/prompts)
     family: str | None = None  # class-cond | text | uncond; None = detected from the model
 
     def __post_init__(self) -> None:
@@ -75,6 +76,7 @@ class SamplerConfig:
     steps: int | None = None  # N sampler steps
     eta: float | None = None  # DDIM eta
     guidance_scale: float | None = None  # classifier-free guidance weight (1 = off)
+    clip_output: bool | None = None  # clamp x_0 to [-1, 1]; False for latents (text-to-image pipelines)
 
     def __post_init__(self) -> None:
         _check_choice(self, "sampler", SAMPLERS)

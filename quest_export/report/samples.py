@@ -18,9 +18,11 @@ def float_and_quantized(run_dir: str | Path, *, n: int = 16, seed: int = 0, devi
 
     art = load_quantized(run_dir, device=device)
     s = art.meta["sampler"]
-    spec = SamplerSpec(sampler=s["sampler"], steps=s["steps"], eta=s["eta"], guidance_scale=s["guidance_scale"])
+    spec = SamplerSpec.of(s)
     ref = art.meta["model"]
-    fmodel = load_model(ref["name"], cond=ref.get("cond"), device=device)  # the float model itself: finetuning
+    fmodel = load_model(
+        ref["name"], cond=ref.get("cond"), prompts=ref.get("prompts"), device=device
+    )  # the float model itself: finetuning
     images = {}  # changed the artifact's latent weights, so its FP mode is not the float model
     images["float"], labels = generate(fmodel.unet, fmodel, spec, n=n, seed=seed, device=device,
                                        show_progress=show_progress)  # fmt: skip

@@ -142,8 +142,7 @@ def e2e_tier(art, quantized: Path, cfg: VerifyConfig, *, device: str, backend: s
     pipe = RuntimePipeline.from_artifact(art, backend=backend)
     with pipe:
         run_imgs = pipe(class_labels=labels, num_images=n, latents=latents, steps=steps)
-    sspec = SamplerSpec(sampler=spec["sampler"], steps=steps, eta=spec.get("eta", 0.0),
-                        guidance_scale=spec.get("guidance_scale", 1.0))  # fmt: skip
+    sspec = SamplerSpec.of({**spec, "steps": steps})
     with ref.qunet.mode(QuantMode.FULL), torch.no_grad():
         fq_imgs = sample(ref.qunet.unet, art.manifest["scheduler_config"], noise=torch.from_numpy(latents).to(device),
                          spec=sspec, cond=None if cond is None else cond.rows(torch.tensor(labels)).to(device),

@@ -118,6 +118,11 @@ class Artifact:
         return self.manifest["stage"]
 
     @property
+    def text_to_image(self) -> dict | None:
+        """The float text encoder, VAE decoder and tokenizer of a text-to-image bundle (docs/formats.md), or None."""
+        return self.manifest.get("text_to_image")
+
+    @property
     def sampler(self) -> dict | None:
         """{"sampler", "steps", "eta", "guidance_scale"} the model was exported for, or None."""
         return self.manifest.get("sampler")
@@ -317,6 +322,10 @@ def open_artifact(path: str | os.PathLike, *, device: DeviceInfo | None = None) 
                 f"{root}: scale_ratios must be finite [G={groups.count}][K], got shape {list(ratios.shape)}"
             )
     weights = manifest.get("weights_file")
+    from quest_export_runtime.text import text_files
+
+    for rel in text_files(manifest.get("text_to_image")):  # tokenizer, text encoder, VAE decoder: hash-checked
+        _listed(root, manifest, rel)
     art = Artifact(
         root=root,
         manifest=manifest,

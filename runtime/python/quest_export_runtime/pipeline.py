@@ -242,12 +242,14 @@ class RuntimePipeline:
             raise InputError(f"num_images={num_images} but {len(class_labels)} class_labels; give one or the other")
         return len(class_labels), cond.rows(class_labels)  # (N, L, D)
 
-    def _guided(self, x: np.ndarray, t: int, cond: np.ndarray | None, scale: float) -> np.ndarray:
+    def _guided(self, x: np.ndarray, t: int, cond: np.ndarray | None, scale: float,
+                uncond: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         """Classifier-free guidance: one call on [uncond; cond], eps = eps_u + s (eps_c - eps_u)."""
         b = x.shape[0]
         if cond is None or scale == 1.0:
             return self.denoiser(x, np.full(b, t, TIMESTEP_DTYPE), cond)
-        uncond = np.broadcast_to(self.artifact.conditioning.uncond, cond.shape)  # (B, L, D)
+        uncond = self.artifact.conditioning.uncond if uncond is None else uncond
+        uncond = np.broadcast_to(uncond, cond.shape)  # (B, L, D)
         x2 = np.concatenate([x, x])  # (2B, C, H, W)
         c2 = np.concatenate([uncond, cond])  # (2B, L, D)
         eps = self.denoiser(x2, np.full(2 * b, t, TIMESTEP_DTYPE), c2)  # (2B, C, H, W)
@@ -267,6 +269,8 @@ class RuntimePipeline:
         latents: np.ndarray | None = None,
         batch_size: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        encoder_hidden_states: np.ndarray | None = None,
+        uncond: np.ndarray | None = None,
     ) -> np.ndarray:
         """Sample images.
 
@@ -285,9 +289,13 @@ class RuntimePipeline:
             batch_size: images per UNet call (the UNet sees twice as many under guidance). None: the target
                 profile's ``max_batch`` from the manifest, else all N.
             on_step: called as on_step(i, t) before step i (of each batch when the images take several).
+            encoder_hidden_states: conditioning rows (N, L, D) instead of class labels (text-to-image: the text
+                encoder's output, see ``TextToImage``).
+            uncond: the guidance row (1, L, D) to use with ``encoder_hidden_states``; None: the table's.
 
         Returns:
-            Images (N, C, H, W) float32 in [-1, 1].
+            x_0 (N, C, H, W) float32: images in [-1, 1], or latents when the sampler spec has ``clip_output``
+            false (text-to-image pipelines; their VAE decoder makes the images).
 
         Raises:
             InputError: inconsistent options, an unknown label, or a step count the artifact cannot serve.
@@ -303,7 +311,18 @@ class RuntimePipeline:
             raise InputError(f"seed={seed} must be >= 0")
         if class_labels is not None and len(class_labels) == 0:
             raise InputError("class_labels is empty; give at least one label, or None for one image per class")
-        n, cond = self._conditions(class_labels, num_images)
+        if encoder_hidden_states is not None:
+            if class_labels is not None or self.artifact.conditioning is None:
+                raise InputError("encoder_hidden_states replaces class_labels, on a conditional model; give one")
+            cond = np.asarray(encoder_hidden_states, dtype=np.float32)
+            if cond.ndim != 3 or cond.shape[1:] != self.artifact.conditioning.table.shape[1:]:
+                raise InputError(f"encoder_hidden_states has shape {list(cond.shape)}, expected "
+                                 f"[N, {', '.join(map(str, self.artifact.conditioning.table.shape[1:]))}]")  # fmt: skip
+            n = len(cond) if num_images is None else num_images
+            if n != len(cond):
+                raise InputError(f"num_images={num_images} but {len(cond)} encoder_hidden_states rows")
+        else:
+            n, cond = self._conditions(class_labels, num_images)
         if cond is None and guidance_scale not in (None, 1.0):
             raise InputError(f"{self.artifact.root} is unconditional; guidance_scale={guidance_scale} needs a model "
                              "with a conditioning table")  # fmt: skip
@@ -327,7 +346,7 @@ class RuntimePipeline:
                 for i, t in enumerate(timesteps.tolist()):
                     if on_step is not None:
                         on_step(i, t)
-                    eps = self._guided(x, t, c, scale)
+                    eps = self._guided(x, t, c, scale, uncond)
                     if sampler == "ddim":
                         x = sched.step(
                             eps, t, x, eta=eta, variance_noise=_noise(rs, shape) if eta > 0 else None
@@ -335,7 +354,7 @@ class RuntimePipeline:
                     else:
                         x = sched.step(eps, t, x, noise=_noise(rs, shape) if t > 0 else None).prev_sample
                 out[sl] = x
-        return np.clip(out, -1.0, 1.0)
+        return np.clip(out, -1.0, 1.0) if spec.get("clip_output") in (None, True) else out
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
