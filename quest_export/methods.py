@@ -40,7 +40,8 @@ class QuantizeJob:
 
     @property
     def model_ref(self) -> dict:
-        return {"name": self.recipe.model.name, "cond": self.recipe.model.cond, "hash": self.model.source_hash}
+        m = self.recipe.model
+        return {"name": m.name, "cond": m.cond, "prompts": m.prompts, "hash": self.model.source_hash}
 
 
 class StagedRunner:

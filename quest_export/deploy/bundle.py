@@ -21,7 +21,6 @@ from importlib import metadata
 from pathlib import Path
 
 from quest_export_runtime.device import JETPACK_L4T, L4T_CORE_PACKAGE, shell_functions
-from quest_export_runtime.text import text_files
 from quest_export_runtime.manifest import (
     BASE_KEYS,
     MANIFEST_NAME,
@@ -32,6 +31,7 @@ from quest_export_runtime.manifest import (
     write_manifest,
 )
 from quest_export_runtime.plan import BuildPlan, engine_files
+from quest_export_runtime.text import text_files
 
 from quest_export import __version__
 from quest_export.deploy.plan import plan_build
@@ -191,7 +191,9 @@ def runtime_wheel(out_dir: str | os.PathLike) -> Path:
         for f in sorted(src.rglob("*.py")):
             if "__pycache__" not in f.parts:
                 whl.writestr(f"quest_export_runtime/{f.relative_to(src).as_posix()}", f.read_bytes())
-        whl.writestr(f"{info}/METADATA", dist.read_text("METADATA"))
+        # an egg-info folder on sys.path (an editable install's, found first when runtime/python is on PYTHONPATH)
+        # keeps the same core metadata as PKG-INFO
+        whl.writestr(f"{info}/METADATA", dist.read_text("METADATA") or dist.read_text("PKG-INFO"))
         whl.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nGenerator: quest-export {__version__} (wheel.wheelfile)\n"
                                       "Root-Is-Purelib: true\nTag: py3-none-any\n")  # fmt: skip
         whl.writestr(f"{info}/top_level.txt", "quest_export_runtime\n")
@@ -488,6 +490,20 @@ def render_readme(plan: BuildPlan, manifest: dict, verify: list[str], size_bytes
         "- The engine is tied to this TensorRT version, GPU (SM) and platform: build it on the device (B-13)."
     )
     verify_block = "\n".join(f"    {c}" for c in verify)
+    t2i = manifest.get("text_to_image")
+    text_rows = (
+        "\n| `text/`, `vae/` | float32 ONNX graphs of the CLIP text encoder and the VAE decoder, and `text/tokenizer.json` "
+        "(they run in ONNX Runtime; the UNet is the engine) |"
+        if t2i
+        else ""
+    )
+    text_run = (
+        "\n\nPrompts to images (needs `quest-export-runtime[text,ort]`: the `tokenizers` package reads "
+        '`text/tokenizer.json`):\n\n    python3 -m quest_export_runtime.sample engine --prompt "a red bicycle" '
+        "--out bicycle.png"
+        if t2i
+        else ""
+    )
     return f"""# quest-export bundle: {plan.target}
 
 Recipe `{manifest.get("recipe_fingerprint")}`, precision {prec.get("mode", "?")}, scale mode
@@ -504,7 +520,7 @@ compute capability {" or ".join(plan.compute_capabilities)}; typing {plan.typing
 | `build.sh` | builds with `trtexec` (no Python needed), after checking L4T and the TensorRT version |
 | `build_engine.py` | builds with the TensorRT Python API; also writes `engine/manifest.json` and the INT8 audit |
 | `wheels/{wheel}` | the torch-free quest-export runtime (numpy, safetensors; TensorRT or ONNX Runtime) |
-| `manifest.json` | SHA-256 of every file, the export's keys and the build plan (`build`) |
+| `manifest.json` | SHA-256 of every file, the export's keys and the build plan (`build`) |{text_rows}
 
 ## Install the runtime
 
@@ -544,7 +560,7 @@ labels against the fake-quant images recorded at export) with the manifest's thr
 `import quest_export_runtime` (installed above) with TensorRT, or ONNX Runtime on the graph itself; it checks
 `engine/manifest.json` (TensorRT version, compute capability, file hashes) before it loads an engine:
 
-    python3 -c "from quest_export_runtime import RuntimePipeline as P; p = P.from_artifact('engine'); p.save_grid(p(seed=0), 'samples.png')"
+    python3 -c "from quest_export_runtime import RuntimePipeline as P; p = P.from_artifact('engine'); p.save_grid(p(seed=0), 'samples.png')"{text_run}
 
 ## Known limits
 

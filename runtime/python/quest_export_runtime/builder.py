@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -142,6 +143,28 @@ def engines_from_bundle(
                           allow_experimental=allow_experimental)  # fmt: skip
 
 
+# What an engine folder takes over from its bundle so that the runtime samples it alone (docs/formats.md).
+CARRIED_KEYS = ("sampler", "scheduler_config", "groups", "scale_mode", "scale_ratios", "conditioning", "text_to_image",
+                "precision", "sample_shape")  # fmt: skip
+
+
+def carry_from_source(tmp: Path, source: dict | None, source_dir: Path) -> dict:
+    """Copy the bundle's conditioning table and float text-to-image parts into the engine folder being written
+    (``tmp``) and return the manifest keys that go with them (CARRIED_KEYS present in the source)."""
+    from quest_export_runtime.text import text_files
+
+    if not source:
+        return {}
+    files = text_files(source.get("text_to_image"))
+    if source.get("conditioning"):
+        files.append(source["conditioning"]["file"])
+    for rel in files:
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source_dir / rel, dst)
+    return {k: source[k] for k in CARRIED_KEYS if source.get(k) is not None}
+
+
 def _build_engines(jobs, plan: BuildPlan, *, out_dir: Path, source: dict | None, source_dir: Path, timing_cache,
                    progress: bool, allow_experimental: bool) -> Path:  # fmt: skip
     if plan.experimental and not allow_experimental:
@@ -168,6 +191,7 @@ def _build_engines(jobs, plan: BuildPlan, *, out_dir: Path, source: dict | None,
             audits[files.engine] = audit_layers(info, quantized).to_dict()
             engines.append({"file": files.engine, "group": group, "onnx": onnx_path.name, "layers": files.layers})
             io = io or net_io
+        carried = carry_from_source(tmp, source, source_dir)
         source_manifest = source_dir / "manifest.json"
         write_manifest(
             tmp,
@@ -175,7 +199,7 @@ def _build_engines(jobs, plan: BuildPlan, *, out_dir: Path, source: dict | None,
             recipe_fingerprint=(source or {}).get("recipe_fingerprint"),
             config=plan.to_dict(),
             inputs={source.get("stage", "source"): sha256_file(source_manifest)} if source else {},
-            extra={"target": plan.target, "trt_version": trt.__version__, "compute_capability": cc,
+            extra={**carried, "target": plan.target, "trt_version": trt.__version__, "compute_capability": cc,
                    "l4t": l4t_release(), "profiles": plan.profiles, "io": io, "engines": engines,
                    "layers": engines[0]["layers"], "audit": audits, "timing_cache": cache_path.name,
                    "build_seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": _peak_rss_mib()},
