@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml runtime/python/pyproject.toml requirements/constraints.
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch by exact pin first, so the CPU wheel on disk is used and no CUDA packages are pulled
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e runtime/python -e ".[dev]"
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e "runtime/python[text]" -e ".[dev,text]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -33,13 +33,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ("a photograph of a red bicycle leaning on a wall", "a watercolor painting of a lighthouse at dusk",
+           "a close-up photo of a cat sleeping on a sofa", "an aerial view of a city at night",
+           "a bowl of ripe oranges on a wooden table", "a snowy mountain landscape under a clear sky")  # fmt: skip
 ALL = ("gen", "sizes", "calibrate", "quantize-w8a8+quantize-w4a8", "export-w8a8+export-w4a8+exportj-w8a8",
        "build-w8a8+build-w4a8+bundle-w8a8", "verify-w8a8+verify-w4a8+lint-w8a8")  # fmt: skip
 
 
 def _recipe_args(a, bits: str, target: str = "jetson", stage: str = "") -> list[str]:
-    args = ["--model", str(a.work / "model"), "--cond", str(a.work / "model" / "conditioning.safetensors"),
-            "--bits", bits, "--preset", "fast", "--method", "quest", "--target", target]  # fmt: skip
+    model = ["--model", str(a.work / "model")]
+    if a.pipeline:  # prompts through the pipeline's own text encoder
+        prompts = a.work / "prompts.txt"
+        if not prompts.is_file():
+            prompts.write_text("\n".join(PROMPTS[: a.rows - 1]) + "\n")
+        model += ["--prompts", str(prompts)]
+    else:
+        model += ["--cond", str(a.work / "model" / "conditioning.safetensors")]
+    args = [*model, "--bits", bits, "--preset", "fast", "--method", a.method, "--target", target]
     for s in a.set:
         args += ["--set", s]
     for s in a.stage_set:  # STAGE:key=value, for that stage only
@@ -50,7 +60,7 @@ def _recipe_args(a, bits: str, target: str = "jetson", stage: str = "") -> list[
 
 
 def _run_dir(a, bits: str) -> Path:
-    runs = sorted((a.work / "work" / "runs" / "quantize").glob(f"*-quest-{bits}-*"))
+    runs = sorted((a.work / "work" / "runs" / "quantize").glob(f"*-{a.method}-{bits}-*"))
     if not runs:
         raise SystemExit(f"no quantize run for {bits} under {a.work}/work; run quantize-{bits} first")
     return runs[-1]
@@ -62,7 +72,8 @@ def _command(a, stage: str) -> tuple[list[str], list[str]]:
     work = ["--work", str(a.work / "work")]
     if stage == "gen":
         return [], [sys.executable, "-m", "quest_export.zoo.random_unet", "--preset", a.preset, "--out",
-                    str(a.work / "model"), "--rows", str(a.rows), "--steps", str(a.steps)]  # fmt: skip
+                    str(a.work / "model"), "--rows", str(a.rows), "--steps", str(a.steps)]  + (
+                    ["--pipeline"] if a.pipeline else [])  # fmt: skip
     name, _, bits = stage.partition("-")
     if name == "sizes":
         return [], py + ["sizes", str(a.work / "model"), str(a.work / "sizes.json")]
@@ -191,6 +202,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--json", type=Path, required=True, help="results file (updated after every stage)")
     p.add_argument("--preset", default="sd15")
+    p.add_argument("--method", default="quest", help="quest (the fast preset) | ptq (no finetuning; CPU-sized)")
+    p.add_argument("--pipeline", action="store_true", help="a whole text-to-image pipeline (text encoder, VAE)")
     p.add_argument("--rows", type=int, default=5, help="conditioning rows (one unconditional)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps of calibration and verify")
     p.add_argument("--stages", default=",".join(ALL), help="comma-separated; a+b runs a and b at once")
@@ -204,7 +217,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(a.json.read_text()) if a.json.is_file() else {}
     results.setdefault("stages", {})
-    results["config"] = {"preset": a.preset, "rows": a.rows, "steps": a.steps, "sets": a.set,
+    results["config"] = {"preset": a.preset, "method": a.method, "pipeline": a.pipeline, "rows": a.rows, "steps": a.steps, "sets": a.set,
                          "command": " ".join(sys.argv)}  # fmt: skip
     try:
         import torch

@@ -88,7 +88,7 @@ def test_device_side_verify_passes_with_torch_blocked(built, tmp_path):
 
 def test_runtime_encoder_reproduces_the_calibration_rows(built):
     """The device's tokenizer + ONNX text encoder give the rows torch + transformers gave calibration."""
-    from quest_export_runtime.bundle import open_artifact, load_safetensors
+    from quest_export_runtime.bundle import load_safetensors, open_artifact
     from quest_export_runtime.text import PromptEncoder
 
     art = open_artifact(built["bundle"])
@@ -141,7 +141,7 @@ def test_float_pipeline_samples_prompts_on_the_host(built, tmp_path):
 def test_engine_folder_takes_the_text_parts_from_its_bundle(built, tmp_path):
     """What the on-device TensorRT build carries over (the engine build itself needs TensorRT: structural)."""
     from quest_export_runtime.builder import carry_from_source
-    from quest_export_runtime.text import text_files
+    from quest_export_runtime.manifest import text_files
 
     m = read_manifest(built["bundle"])
     keys = carry_from_source(tmp_path, m, built["bundle"])

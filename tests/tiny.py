@@ -57,7 +57,8 @@ def tiny_model(kind: str = "cond", seed: int = 0):
     cls = "UNet2DConditionModel" if kind == "cond" else "UNet2DModel"
     info = ModelInfo(name=f"tiny-{kind}", unet_dir=Path("."), class_name=cls, config=dict(unet.config),
                      scheduler_config=dict(SCHEDULER_CONFIG),
-                     sampling=dict(sampler="ddim", steps=10, eta=0.0, guidance_scale=2.0 if kind == "cond" else 1.0),
+                     sampling=dict(sampler="ddim", steps=10, eta=0.0, guidance_scale=2.0 if kind == "cond" else 1.0,
+                                   clip_output=True),
                      family="class-cond" if kind == "cond" else "uncond", cond_file=None, root=Path("."))  # fmt: skip
     return LoadedModel(info=info, unet=unet, conditioning=cond, source_hash=f"tiny-{kind}-{seed}")
 

@@ -27,11 +27,11 @@ from quest_export_runtime.manifest import (
     atomic_dir,
     read_manifest,
     sha256_file,
+    text_files,
     verify_files,
     write_manifest,
 )
 from quest_export_runtime.plan import BuildPlan, engine_files
-from quest_export_runtime.text import text_files
 
 from quest_export import __version__
 from quest_export.deploy.plan import plan_build

@@ -27,7 +27,7 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 FALLBACK_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                           beta_schedule="linear", prediction_type="epsilon", clip_sample=False,
                           set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")  # fmt: skip
-FALLBACK_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0)
+FALLBACK_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, clip_output=True)
 # Text-to-image pipelines: SD's own guidance; x_0 is a latent for the VAE, so it is not clamped to [-1, 1].
 TEXT_SAMPLING = dict(guidance_scale=7.5, clip_output=False)
 

@@ -86,7 +86,7 @@ def test_bundled_model_loads_and_samples(name, no_dataset):
 def test_bundled_metadata_resolves_without_weights():
     info = resolve_model("fmnist-cond")
     assert info.class_name == "UNet2DConditionModel" and info.cond_file.name == "conditioning.safetensors"
-    assert info.sampling == {"sampler": "ddim", "steps": 50, "eta": 0.0, "guidance_scale": 2.0}
+    assert info.sampling == {"sampler": "ddim", "steps": 50, "eta": 0.0, "guidance_scale": 2.0, "clip_output": True}
     assert resolve_model("fmnist-uncond").cond_file is None
 
 
@@ -184,13 +184,16 @@ def test_config_without_safetensors_weights(cond_dir, tmp_path):
     nw = tmp_path / "noweights"
     nw.mkdir()
     shutil.copy(cond_dir / "unet" / "config.json", nw / "config.json")
-    (nw / "diffusion_pytorch_model.bin").write_bytes(b"pickle")  # only safetensors are loaded
     with pytest.raises(ModelError) as e:
         load_model(str(nw), cond=str(cond_dir / "conditioning.safetensors"))
     assert (
         "has no weights (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.fp16.safetensors)"
         in one_line(e)
     )
+    (nw / "diffusion_pytorch_model.bin").write_bytes(b"pickle")  # only safetensors are loaded: the fix is named
+    with pytest.raises(ModelError) as e:
+        load_model(str(nw), cond=str(cond_dir / "conditioning.safetensors"))
+    assert "is a pickle checkpoint" in one_line(e) and "save_pretrained(..., safe_serialization=True)" in one_line(e)
 
 
 @pytest.mark.parametrize("keep", [0, 100, 0.5], ids=["empty", "header-cut", "half"])

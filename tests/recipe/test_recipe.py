@@ -483,7 +483,7 @@ def test_resolve_fills_sampler_and_family_from_the_bundled_model():
     for name in ("fmnist-cond", "fmnist-uncond"):
         meta = json.loads((zoo / name / "quest_model.json").read_text())
         r = resolve_recipe(model=name)
-        assert dataclasses.asdict(r.sampler) == meta["sampling"]
+        assert dataclasses.asdict(r.sampler) == {"clip_output": True, **meta["sampling"]}  # images: clamped
         assert r.model.family == meta["family"]
     assert resolve_recipe().model.name == "fmnist-cond"
     assert (

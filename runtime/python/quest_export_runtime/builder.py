@@ -35,7 +35,14 @@ from quest_export_runtime.errors import (
     ManifestMismatch,
     TargetError,
 )
-from quest_export_runtime.manifest import atomic_dir, read_manifest, sha256_file, verify_files, write_manifest
+from quest_export_runtime.manifest import (
+    atomic_dir,
+    read_manifest,
+    sha256_file,
+    text_files,
+    verify_files,
+    write_manifest,
+)
 from quest_export_runtime.plan import BuildPlan, engine_files
 from quest_export_runtime.timing_cache import load_timing_cache, save_timing_cache, timing_cache_key, timing_cache_name
 
@@ -151,8 +158,6 @@ CARRIED_KEYS = ("sampler", "scheduler_config", "groups", "scale_mode", "scale_ra
 def carry_from_source(tmp: Path, source: dict | None, source_dir: Path) -> dict:
     """Copy the bundle's conditioning table and float text-to-image parts into the engine folder being written
     (``tmp``) and return the manifest keys that go with them (CARRIED_KEYS present in the source)."""
-    from quest_export_runtime.text import text_files
-
     if not source:
         return {}
     files = text_files(source.get("text_to_image"))

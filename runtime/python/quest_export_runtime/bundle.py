@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from quest_export_runtime.device import DeviceInfo
 from quest_export_runtime.errors import ArtifactError, InputError, ManifestMismatch
-from quest_export_runtime.manifest import Manifest
+from quest_export_runtime.manifest import Manifest, text_files
 
 logger = logging.getLogger(__name__)
 
@@ -322,8 +322,6 @@ def open_artifact(path: str | os.PathLike, *, device: DeviceInfo | None = None) 
                 f"{root}: scale_ratios must be finite [G={groups.count}][K], got shape {list(ratios.shape)}"
             )
     weights = manifest.get("weights_file")
-    from quest_export_runtime.text import text_files
-
     for rel in text_files(manifest.get("text_to_image")):  # tokenizer, text encoder, VAE decoder: hash-checked
         _listed(root, manifest, rel)
     art = Artifact(

@@ -355,3 +355,12 @@ class Manifest:
         self.check_files()
         if self.stage == "build-trt":
             self.check_device(device)
+
+
+TEXT_FILE_KEYS = ("tokenizer", "text_encoder", "text_encoder_data", "vae_decoder", "vae_decoder_data")
+
+
+def text_files(entry: dict | None) -> list[str]:
+    """The files a manifest's ``text_to_image`` entry names (docs/formats.md): what a bundle or engine folder of a
+    text-to-image pipeline must carry, and what the runtime checks are listed (hashed) before it loads them."""
+    return [entry[k] for k in TEXT_FILE_KEYS if entry and entry.get(k)]

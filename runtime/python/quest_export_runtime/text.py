@@ -20,13 +20,9 @@ from typing import Any
 import numpy as np
 
 from quest_export_runtime.errors import ArtifactError, InputError
+from quest_export_runtime.manifest import text_files
 
-FILE_KEYS = ("tokenizer", "text_encoder", "text_encoder_data", "vae_decoder", "vae_decoder_data")
-
-
-def text_files(entry: dict | None) -> list[str]:
-    """The files a manifest's ``text_to_image`` entry names (what a bundle or engine folder must carry)."""
-    return [entry[k] for k in FILE_KEYS if entry and entry.get(k)]
+__all__ = ["LatentDecoder", "PromptEncoder", "TextToImage", "text_files"]
 
 
 class PromptEncoder:
