@@ -42,7 +42,8 @@ def labels_for(model, n: int) -> torch.Tensor | None:
 @torch.no_grad()
 def generate(unet, model, spec: SamplerSpec, *, n: int, seed: int = 0, batch: int = 250, device="cpu",
              show_progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """n images (n, C, H, W) in [-1, 1] from noise rows drawn with ``seed``; returns (images, row labels)."""
+    """n images (n, C, H, W) in [-1, 1] from noise rows drawn with ``seed``; returns (images, row labels). A text
+    pipeline's latents are decoded by its float VAE (images (n, 3, H, W))."""
     c, h, w = model.sample_shape
     noise = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed))  # (n, C, H, W)
     labels = labels_for(model, n)
@@ -55,6 +56,10 @@ def generate(unet, model, spec: SamplerSpec, *, n: int, seed: int = 0, batch: in
                    cond=None if cond is None else cond.rows(labels[sl]).to(device),
                    uncond=None if cond is None or cond.uncond is None else cond.uncond.to(device),
                    variance_seed=seed + k)  # fmt: skip
+        if model.info.text is not None:
+            from quest_export.models.text import decode_latents
+
+            x = decode_latents(model, x)
         out.append(x.float().cpu().numpy())
         bar.advance(sl.stop - sl.start)
     bar.close()

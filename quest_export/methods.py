@@ -77,9 +77,12 @@ class StagedRunner:
                 save_quantized(qunet, stage_a_dir, recipe_fingerprint=rec.fingerprint(), quant=rec.quant,
                                model_ref=job.model_ref, sampler=to_jsonable(rec.sampler), stage="stage-a",
                                extra={"report": report})  # fmt: skip
-        from quest_export.quant.layer_stats import layer_snapshot, stats_document
+        from quest_export.quant.layer_stats import ROWS_PER_GROUP, layer_snapshot, stats_document
 
-        snapshots = {"stage_a": layer_snapshot(qunet, job.calib, device=job.device)}  # before any finetuning
+        rows = min(ROWS_PER_GROUP, rec.ptq.forward_chunk)  # one UNet call per group: bounded like every other call
+        snapshots = {
+            "stage_a": layer_snapshot(qunet, job.calib, device=job.device, rows_per_group=rows)
+        }  # before finetuning
         if m.finetune and rec.finetune is not None:
             from quest_export.finetune import finetune_
             from quest_export.ptq.stage_a import eps_mse_per_group
@@ -89,9 +92,10 @@ class StagedRunner:
                            show_progress=job.show_progress)  # fmt: skip
             dist.broadcast_module_(qunet.unet, "the end of finetuning")
             report["finetune"] = to_jsonable(fr.__dict__)
-            report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, job.calib, device=job.device)
-            snapshots["finetuned"] = layer_snapshot(qunet, job.calib, device=job.device)
-        job.layer_stats = stats_document(snapshots, qunet)
+            report["finetune"]["eps_mse"] = eps_mse_per_group(qunet, job.calib, device=job.device,
+                                                              chunk=rec.ptq.forward_chunk)  # fmt: skip
+            snapshots["finetuned"] = layer_snapshot(qunet, job.calib, device=job.device, rows_per_group=rows)
+        job.layer_stats = stats_document(snapshots, qunet, rows_per_group=rows)
         return qunet, report
 
     def config(self, recipe: Recipe) -> dict:

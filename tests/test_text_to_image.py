@@ -138,6 +138,17 @@ def test_float_pipeline_samples_prompts_on_the_host(built, tmp_path):
     assert out.stat().st_size > 0
 
 
+def test_generate_decodes_latents_for_reports_and_eval(built):
+    """eval.generate (report, eval matrix) gives the pipeline's images, not its latents."""
+    from quest_export.eval import generate
+    from quest_export.models.loading import load_model
+    from quest_export.models.sampling import SamplerSpec
+
+    m = load_model(str(built["model"]), prompts=str(built["prompts"]))
+    imgs, _ = generate(m.unet, m, SamplerSpec.of({**m.info.sampling, "steps": 2}), n=2, show_progress=False)
+    assert imgs.shape == (2, 3, 16, 16) and np.abs(imgs).max() <= 1.0
+
+
 def test_engine_folder_takes_the_text_parts_from_its_bundle(built, tmp_path):
     """What the on-device TensorRT build carries over (the engine build itself needs TensorRT: structural)."""
     from quest_export_runtime.builder import carry_from_source

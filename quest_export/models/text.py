@@ -114,7 +114,9 @@ def load_tokenizer(parts: TextParts):
 def load_text_encoder(parts: TextParts):
     """The CLIP text encoder in float32, eval mode (an fp16-only checkpoint is upcast)."""
     from transformers import CLIPTextModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a load that takes a second; our stages show progress
     try:
         enc = CLIPTextModel.from_pretrained(str(parts.text_encoder), torch_dtype=torch.float32, use_safetensors=True,
                                             variant=parts.variant(parts.text_encoder, SAFE))  # fmt: skip
@@ -155,6 +157,19 @@ def encode_prompts(parts: TextParts, prompts_file: str | Path | None = None):
 
 
 @torch.no_grad()
+def decode_latents(model, latents: torch.Tensor, *, batch: int = 4) -> torch.Tensor:
+    """Latents (N, C, h, w) of a text pipeline's UNet loop -> images (N, 3, H, W) in [-1, 1] with its float VAE
+    (loaded once per model, on the latents' device)."""
+    vae = model.__dict__.get("_vae")
+    if vae is None:
+        vae = model.__dict__["_vae"] = load_vae(model.info.text)
+    vae = vae.to(latents.device)
+    sf = float(vae.config.scaling_factor)
+    out = [vae.decode(latents[i : i + batch] / sf).sample for i in range(0, len(latents), batch)]
+    return torch.cat(out).clamp(-1, 1)
+
+
+@torch.no_grad()
 def text_to_image(model, prompts: list[str], spec, *, seed: int = 0, device="cpu") -> torch.Tensor:
     """The float pipeline in torch: prompts -> text encoder -> guided UNet loop (``spec``) -> VAE -> images (N, 3,
     H, W) in [-1, 1]. ``model`` is a LoadedModel of a text pipeline (``quest-export sample --model DIR``)."""
@@ -166,5 +181,4 @@ def text_to_image(model, prompts: list[str], spec, *, seed: int = 0, device="cpu
     noise = torch.randn(len(prompts), c, h, w, generator=torch.Generator().manual_seed(seed))  # (N, C, h, w)
     latents = sample(model.unet, model.info.scheduler_config, noise=noise.to(device), spec=spec,
                      cond=states[:-1].to(device), uncond=states[-1:].to(device), variance_seed=seed)  # fmt: skip
-    vae = load_vae(parts).to(device)
-    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1).cpu()
+    return decode_latents(model, latents).cpu()

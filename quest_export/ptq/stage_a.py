@@ -110,17 +110,22 @@ def init_activations_(qunet: QuantizedUNet, calib: CalibrationSet, cfg: PtqConfi
 
 @torch.no_grad()
 def eps_mse_per_group(qunet: QuantizedUNet, calib: CalibrationSet, *, device, rows_per_group: int = 16,
-                      seed: int = 1234) -> dict[int, float]:  # fmt: skip
-    """MSE between the quantized and the recorded float eps, per group (held-out-style diagnostic)."""
+                      seed: int = 1234, chunk: int = 64) -> dict[int, float]:  # fmt: skip
+    """MSE between the quantized and the recorded float eps, per group (held-out-style diagnostic); at most
+    ``chunk`` rows per UNet call (ptq.forward_chunk: at SD size a call's attention maps grow with its rows)."""
     G = qunet.ctx.count
     gen = torch.Generator().manual_seed(seed)
     out = {}
     with qunet.mode(QuantMode.FULL):
         for g in range(G):
             rows = calib.draw(calib.group_rows(g, G, pooled=True), rows_per_group, gen)
-            x, t, cond, eps = calib.batch(rows, device)
-            with qunet.ctx.select(g):
-                out[g] = torch.mean((run_unet(qunet.unet, x, t, cond) - eps) ** 2).item()
+            sq, n = 0.0, 0
+            for i in range(0, len(rows), chunk):
+                x, t, cond, eps = calib.batch(rows[i : i + chunk], device)
+                with qunet.ctx.select(g):
+                    sq += torch.sum((run_unet(qunet.unet, x, t, cond) - eps) ** 2).item()
+                n += eps.numel()
+            out[g] = sq / n
     return out
 
 
@@ -208,5 +213,5 @@ def run_stage_a(model, calib: CalibrationSet, quant: QuantRecipe, cfg: PtqConfig
         t0 = time.time()
         report.pts = power_of_two_scales_(qunet, calib, dmq, device=device, seed=dmq.seed, pooled=pooled)
         report.seconds["pts"] = _elapsed(t0, device)
-    report.eps_mse = eps_mse_per_group(qunet, calib, device=device)
+    report.eps_mse = eps_mse_per_group(qunet, calib, device=device, chunk=cfg.forward_chunk)
     return qunet, report
