@@ -199,6 +199,8 @@ def test_unsupported_unet_and_text_encoder_classes(built, tmp_path):
     cfg = json.loads((p / "unet" / "config.json").read_text())
     (p / "unet" / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DConditionModelXL"}))
     assert "UNet2DConditionModel" in _error(p)
+    (p / "unet" / "config.json").write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
+    assert "SDXL-style UNet" in _error(p)
     p2 = Path(shutil.copytree(built["model"], tmp_path / "p2"))
     cfg = json.loads((p2 / "text_encoder" / "config.json").read_text())
     (p2 / "text_encoder" / "config.json").write_text(json.dumps({**cfg, "architectures": ["T5EncoderModel"]}))

@@ -134,6 +134,10 @@ def resolve_model(name: str, *, cond: str | None = None, prompts: str | None = N
         raise ModelError(f"{unet_dir} holds a {cls or 'model without _class_name'}; quest-export handles "
                          f"{' and '.join(SUPPORTED)} (SD 1.x / 2.x); point --model at such a UNet or pipeline "
                          "folder")  # fmt: skip
+    if config.get("addition_embed_type"):  # SDXL: added_cond_kwargs (text_embeds, time_ids) on every call
+        raise ModelError(f"{unet_dir} is an SDXL-style UNet (addition_embed_type={config['addition_embed_type']!r}: "
+                         "text_embeds / time_ids inputs), which quest-export does not quantize yet; SD 1.x / 2.x "
+                         "UNets are supported")  # fmt: skip
     if not any((unet_dir / w).is_file() for w in WEIGHT_FILES):
         pickled = [n for n in PICKLE if (unet_dir / n).is_file()]
         if pickled:
