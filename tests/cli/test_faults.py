@@ -190,7 +190,7 @@ CASES = [
     ("model-missing", ["info", "{ok}"], 2, "model '{ok}' not found"),
     ("model-config-corrupt", ["info", "{bad_config}"], 2, "{bad_config}/unet/config.json is not readable JSON"),
     ("model-weights-truncated", ["sample", "--model", "{bad_trunc}", "--out", "{ok}.png"], 2, "could not load the UNet weights in {bad_trunc}/unet"),
-    ("model-weights-pickle", ["sample", "--model", "{bad_pickle}", "--out", "{ok}.png"], 2, "only safetensors are loaded"),
+    ("model-weights-pickle", ["sample", "--model", "{bad_pickle}", "--out", "{ok}.png"], 2, "is a pickle checkpoint, which quest-export never loads"),
     ("set-unknown-key", ["info", "{uncond}", "--set", "quant.a_bitz=4"], 2, "did you mean 'quant.a_bits'"),
     ("set-bad-value", ["info", "{uncond}", "--set", "quant.a_bits=99"], 2, "quant.a_bits=99 is out of range"),
     ("bits-unknown", ["info", "{uncond}", "--bits", "w3a3"], 2, "w3a3"),
