@@ -37,10 +37,6 @@ class TextParts:
     text_encoder: Path
     vae: Path
 
-    def variant(self, folder: Path, names: tuple[str, str]) -> str | None:
-        """None when full-precision weights exist, "fp16" when only the fp16 variant does."""
-        return None if (folder / names[0]).is_file() else "fp16"
-
 
 def _weights(folder: Path, names: tuple[str, str], what: str) -> None:
     if any((folder / n).is_file() for n in names):
@@ -111,30 +107,30 @@ def load_tokenizer(parts: TextParts):
         raise ModelError(f"could not read the tokenizer in {parts.tokenizer}: {str(e).splitlines()[0]}") from None
 
 
+def _float_module(cls, folder: Path, names: tuple[str, str], what: str):
+    """``cls.from_pretrained(folder)`` in float32, eval mode, frozen (an fp16-only checkpoint is upcast)."""
+    variant = None if (folder / names[0]).is_file() else "fp16"
+    try:
+        m = cls.from_pretrained(str(folder), torch_dtype=torch.float32, use_safetensors=True, variant=variant)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"could not load the {what} in {folder}: {str(e).splitlines()[0]}") from None
+    return m.float().eval().requires_grad_(False)
+
+
 def load_text_encoder(parts: TextParts):
-    """The CLIP text encoder in float32, eval mode (an fp16-only checkpoint is upcast)."""
+    """The CLIP text encoder in float32, eval mode."""
     from transformers import CLIPTextModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for a load that takes a second; our stages show progress
-    try:
-        enc = CLIPTextModel.from_pretrained(str(parts.text_encoder), torch_dtype=torch.float32, use_safetensors=True,
-                                            variant=parts.variant(parts.text_encoder, SAFE))  # fmt: skip
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"could not load the text encoder in {parts.text_encoder}: {str(e).splitlines()[0]}") from None
-    return enc.float().eval().requires_grad_(False)
+    return _float_module(CLIPTextModel, parts.text_encoder, SAFE, "text encoder")
 
 
 def load_vae(parts: TextParts):
-    """The AutoencoderKL in float32, eval mode (an fp16-only checkpoint is upcast)."""
+    """The AutoencoderKL in float32, eval mode."""
     from diffusers import AutoencoderKL
 
-    try:
-        vae = AutoencoderKL.from_pretrained(str(parts.vae), torch_dtype=torch.float32, use_safetensors=True,
-                                            variant=parts.variant(parts.vae, VAE_SAFE))  # fmt: skip
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"could not load the VAE in {parts.vae}: {str(e).splitlines()[0]}") from None
-    return vae.float().eval().requires_grad_(False)
+    return _float_module(AutoencoderKL, parts.vae, VAE_SAFE, "VAE")
 
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
