@@ -71,12 +71,12 @@ def _export(module, args: tuple, path: Path, names: list[str], out: str, opset: 
 
 
 def _ort(path: Path, feed: dict) -> np.ndarray:
-    import onnxruntime as ort
+    """The graph's one output in ONNX Runtime on the CPU, through the runtime's own runner (what the device runs)."""
+    from quest_export_runtime.session import OnnxRuntimeRunner
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)[0]
+    with OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"]) as runner:
+        (out,) = runner.infer(feed).values()
+    return out
 
 
 def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
