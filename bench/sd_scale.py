@@ -103,7 +103,7 @@ def _command(a, stage: str) -> tuple[list[str], list[str]]:
 
 
 def _stage_main(argv: list[str]) -> None:
-    """In the stage process: run one step, then write the CUDA peaks to $SD_SCALE_GPU (at exit, also on errors)."""
+    """In the stage process: run one step, writing the CUDA peaks to $SD_SCALE_GPU every 15 s and at exit."""
     import atexit
 
     def report() -> None:
@@ -117,6 +117,15 @@ def _stage_main(argv: list[str]) -> None:
         Path(os.environ["SD_SCALE_GPU"]).write_text(json.dumps(d))
 
     atexit.register(report)
+
+    def every(seconds: float) -> None:  # also while it runs: a stage killed by a time limit keeps its peaks so far
+        while True:
+            time.sleep(seconds)
+            report()
+
+    import threading
+
+    threading.Thread(target=every, args=(15.0,), daemon=True).start()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # cli/ (quest_export and its runtime: installed, or on PYTHONPATH)
     kind, rest = argv[0], argv[1:]
@@ -268,7 +277,8 @@ def _record(a, results, stage, prefix, gpu_file, t0, status, usage, alongside) -
     rc = os.waitstatus_to_exitcode(status)
     rec = {"rc": rc, "wall_s": wall, "host_peak_rss_bytes": usage.ru_maxrss * 1024,
            "host_peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "cores": "0,1" if prefix else "all",
-           "alongside": [s for s in alongside if s != stage]}  # fmt: skip
+           "alongside": [s for s in alongside if s != stage], "t_start": round(t0, 1),
+           "t_end": round(t0 + wall, 1)}  # fmt: skip
     if gpu_file.is_file():
         g = json.loads(gpu_file.read_text())
         rec.update(g)
