@@ -105,6 +105,9 @@ def _command(a, stage: str) -> tuple[list[str], list[str]]:
 def _stage_main(argv: list[str]) -> None:
     """In the stage process: run one step, writing the CUDA peaks to $SD_SCALE_GPU every 15 s and at exit."""
     import atexit
+    import threading
+
+    lock = threading.Lock()
 
     def report() -> None:
         d = {"gpu_max_allocated": 0, "gpu_max_reserved": 0}
@@ -114,7 +117,10 @@ def _stage_main(argv: list[str]) -> None:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 d = {"gpu_max_allocated": torch.cuda.max_memory_allocated(),
                      "gpu_max_reserved": torch.cuda.max_memory_reserved()}  # fmt: skip
-        Path(os.environ["SD_SCALE_GPU"]).write_text(json.dumps(d))
+        with lock:  # the timer thread and the exit hook: one writer at a time, the file replaced whole
+            tmp = Path(os.environ["SD_SCALE_GPU"] + f".{threading.get_ident()}")
+            tmp.write_text(json.dumps(d))
+            os.replace(tmp, os.environ["SD_SCALE_GPU"])
 
     atexit.register(report)
 
@@ -122,8 +128,6 @@ def _stage_main(argv: list[str]) -> None:
         while True:
             time.sleep(seconds)
             report()
-
-    import threading
 
     threading.Thread(target=every, args=(15.0,), daemon=True).start()
     if str(ROOT) not in sys.path:
